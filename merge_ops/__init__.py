@@ -1,0 +1,10 @@
+"""merge_ops: the merge math, pure torch. No I/O, no orchestration.
+
+    merge_tensors(method, experts, base, *, weights, seed, name, **params) -> Tensor
+    METHODS: name -> Method (description, needs_base, params with defaults)
+"""
+
+from .merge import DEFAULT_CHUNK, merge_tensors
+from .registry import METHODS, Method, Param, get_method
+
+__all__ = ["DEFAULT_CHUNK", "METHODS", "Method", "Param", "get_method", "merge_tensors"]

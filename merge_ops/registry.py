@@ -1,0 +1,97 @@
+"""The method registry: names, parameters with defaults, and their validation.
+
+Parameters are validated here, once, before any tensor is touched, so a bad recipe fails with
+a message that names the parameter instead of a shape error deep inside torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Any
+    doc: str
+    per_model: bool = False  # may be given as one value per expert (like mergekit's `density`)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    needs_base: bool
+    params: tuple[Param, ...]
+    # prepare(experts, base, weights, params, seed, name) -> kernel(start, stop) -> float32 chunk
+    prepare: Callable = field(repr=False)
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, description: str, *, needs_base: bool, params: tuple[Param, ...] = ()):
+    def wrap(prepare: Callable) -> Callable:
+        METHODS[name] = Method(name, description, needs_base, params, prepare)
+        return prepare
+
+    return wrap
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(
+            f"unknown merge method {name!r}.{_suggest(name, METHODS)} Known methods: {', '.join(sorted(METHODS))}."
+        )
+    return METHODS[name]
+
+
+def resolve_params(method: Method, given: dict[str, Any], n_experts: int) -> dict[str, Any]:
+    """Defaults filled in, unknown names refused, per-model values expanded to one per expert."""
+    known = {p.name: p for p in method.params}
+    for key in given:
+        if key not in known:
+            accepted = ", ".join(known) or "none"
+            raise ValueError(
+                f"unknown parameter {key!r} for method {method.name!r}.{_suggest(key, known)} "
+                f"Accepted parameters: {accepted}."
+            )
+    resolved = method.defaults() | dict(given)
+    for p in method.params:
+        value = resolved[p.name]
+        if p.per_model:
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n_experts
+            if len(values) != n_experts:
+                raise ValueError(
+                    f"parameter {p.name!r} of method {method.name!r} has {len(values)} values "
+                    f"for {n_experts} experts"
+                )
+            resolved[p.name] = values
+    if "density" in resolved:
+        for i, d in enumerate(resolved["density"]):
+            if not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+                raise ValueError(
+                    f"density must be in (0, 1], got {d!r} for expert {i} (method {method.name!r})"
+                )
+    if "rescale" in resolved:
+        resolved["rescale"] = _rescale_mode(resolved["rescale"])
+    return resolved
+
+
+def _rescale_mode(value: Any) -> str:
+    """mergekit spells DARE's rescale as a bool; we also accept 'l1' (match the L1 norm)."""
+    mode = {True: "density", False: "none"}.get(value, value)
+    if mode not in ("density", "l1", "none"):
+        raise ValueError(f"rescale must be true, false, 'density', 'l1' or 'none', got {value!r}")
+    return mode
