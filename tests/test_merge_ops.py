@@ -1,0 +1,345 @@
+"""merge_ops against slow, obviously-correct references written here, independently.
+
+The references loop over elements and experts in float64, find the top-k by a full argsort,
+and draw DARE's mask with a pure-Python re-implementation of the documented hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import merge_ops
+from merge_ops import merge_tensors
+
+# ---------------------------------------------------------------- references (slow, plain)
+
+
+def ref_keep_count(density: float, n: int) -> int:
+    return min(n, max(1, round(density * n)))
+
+
+def ref_trim(delta: list[float], density: float) -> list[float]:
+    if density >= 1.0:
+        return list(delta)
+    mags = torch.tensor([abs(d) for d in delta], dtype=torch.float64)
+    order = torch.argsort(mags, descending=True)
+    threshold = mags[order[ref_keep_count(density, len(delta)) - 1]].item()
+    return [d if abs(d) >= threshold else 0.0 for d in delta]
+
+
+def ref_elect_mean(columns: list[list[float]], weights: list[float]) -> list[float]:
+    out = []
+    for j in range(len(columns[0])):
+        total = sum(w * col[j] for col, w in zip(columns, weights))
+        sign = (total > 0) - (total < 0)
+        num = den = 0.0
+        for col, w in zip(columns, weights):
+            if col[j] != 0 and ((col[j] > 0) - (col[j] < 0)) == sign:
+                num += w * col[j]
+                den += w
+        out.append(num / den if den != 0 else 0.0)
+    return out
+
+
+def _lowbias32(x: int) -> int:
+    m = 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def ref_keep(seed: int, name: str, expert: int, position: int, density: float) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{name}\0{expert}".encode(), digest_size=8).digest()
+    k1, k2 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+    h = _lowbias32((position & 0xFFFFFFFF) ^ k1)
+    h = _lowbias32(h ^ (position >> 32) ^ k2)
+    return h < int(density * 2**32)
+
+
+def as_f64_lists(experts, base):
+    """Deltas as Python floats of the float32 values, exactly as the method sees them."""
+    b = base.to(torch.float32).reshape(-1).double().tolist()
+    cols = [(e.to(torch.float32) - base.to(torch.float32)).reshape(-1).double().tolist() for e in experts]
+    return b, cols
+
+
+def reference(method, experts, base, weights, seed=0, name="", **p):
+    weights = weights or [1.0] * len(experts)
+    n_e = len(experts)
+    density = p.get("density")
+    densities = density if isinstance(density, list) else [density] * n_e
+    lam = p.get("lambda", 1.0)
+    if method == "linear":
+        flat = [e.to(torch.float32).reshape(-1).double().tolist() for e in experts]
+        s = sum(weights) if p.get("normalize", True) else 1.0
+        out = [sum(w * col[j] for col, w in zip(flat, weights)) / s for j in range(len(flat[0]))]
+        return torch.tensor(out, dtype=torch.float64).view(experts[0].shape)
+    b, cols = as_f64_lists(experts, base)
+    if method == "task_arithmetic":
+        mixed = [sum(w * col[j] for col, w in zip(cols, weights)) for j in range(len(b))]
+    elif method == "ties":
+        trimmed = [ref_trim(col, d) for col, d in zip(cols, densities)]
+        mixed = ref_elect_mean(trimmed, weights)
+    else:  # dare_linear / dare_ties, rescale by 1/density
+        dropped = [
+            [c / d if ref_keep(seed, name, i, j, d) else 0.0 for j, c in enumerate(col)]
+            for i, (col, d) in enumerate(zip(cols, densities))
+        ]
+        if method == "dare_linear":
+            mixed = [sum(w * col[j] for col, w in zip(dropped, weights)) for j in range(len(b))]
+        else:
+            mixed = ref_elect_mean(dropped, weights)
+    out = [b[j] + lam * mixed[j] for j in range(len(b))]
+    return torch.tensor(out, dtype=torch.float64).view(base.shape)
+
+
+# ---------------------------------------------------------------- strategies
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@st.composite
+def merge_case(draw, integer_valued=False):
+    n_experts = draw(st.integers(1, 8))
+    shape = tuple(draw(st.lists(st.integers(1, 12), min_size=1, max_size=3)))
+    dtype = draw(st.sampled_from(DTYPES))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+
+    def tensor():
+        if integer_valued:  # many equal magnitudes: stresses ties at the top-k threshold
+            return torch.randint(-3, 4, shape, generator=gen).to(dtype)
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    base = tensor()
+    experts = [base.float() + tensor().float() * 0.5 for _ in range(n_experts)]
+    experts = [e.to(dtype) for e in experts]
+    weights = draw(st.lists(st.sampled_from([0.25, 0.5, 1.0, 2.0]), min_size=n_experts, max_size=n_experts))
+    density = draw(st.sampled_from([0.1, 0.2, 0.35, 0.5, 0.9, 1.0]))
+    return experts, base, weights, density
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual.double(), expected, rtol=2e-6, atol=2e-6)
+
+
+# ---------------------------------------------------------------- methods vs references
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(merge_case(), st.booleans())
+def test_linear_matches_reference(case, normalize):
+    experts, base, weights, _ = case
+    got = merge_tensors("linear", experts, weights=weights, normalize=normalize, out_dtype=torch.float32)
+    assert_close(got, reference("linear", experts, None, weights, normalize=normalize))
+
+
+@SETTINGS
+@given(merge_case(), st.sampled_from([1.0, 0.5, 1.3]))
+def test_task_arithmetic_matches_reference(case, lam):
+    experts, base, weights, _ = case
+    got = merge_tensors("task_arithmetic", experts, base, weights=weights, out_dtype="float32", **{"lambda": lam})
+    assert_close(got, reference("task_arithmetic", experts, base, weights, **{"lambda": lam}))
+
+
+@SETTINGS
+@given(st.one_of(merge_case(), merge_case(integer_valued=True)))
+def test_ties_matches_reference(case):
+    experts, base, weights, density = case
+    got = merge_tensors("ties", experts, base, weights=weights, density=density, out_dtype=torch.float32)
+    assert_close(got, reference("ties", experts, base, weights, density=density))
+
+
+@SETTINGS
+@given(merge_case(), st.integers(0, 3))
+def test_ties_per_expert_density(case, seed):
+    experts, base, weights, _ = case
+    densities = [[0.1, 0.3, 0.6, 1.0][(i + seed) % 4] for i in range(len(experts))]
+    got = merge_tensors("ties", experts, base, weights=weights, density=densities, out_dtype=torch.float32)
+    assert_close(got, reference("ties", experts, base, weights, density=densities))
+
+
+@SETTINGS
+@given(merge_case(), st.sampled_from(["dare_linear", "dare_ties"]), st.integers(0, 5), st.text(max_size=8))
+def test_dare_matches_reference(case, method, seed, name):
+    experts, base, weights, density = case
+    got = merge_tensors(method, experts, base, weights=weights, density=density, seed=seed, name=name,
+                        out_dtype=torch.float32)
+    assert_close(got, reference(method, experts, base, weights, seed=seed, name=name, density=density))
+
+
+def test_ties_threshold_exact_on_large_tensor():
+    """Large enough to take the sampled-bracket path of the top-k selection."""
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(1_200_000, generator=gen)
+    experts = [base + torch.randn(1_200_000, generator=gen) * 0.01 for _ in range(2)]
+    # with one expert, TIES is exactly the trimmed delta added to the base
+    single = merge_tensors("ties", experts[:1], base, density=0.2)
+    delta = experts[0] - base
+    thr = torch.sort(delta.abs(), descending=True).values[ref_keep_count(0.2, delta.numel()) - 1]
+    assert torch.equal(single, base + torch.where(delta.abs() >= thr, delta, 0.0))
+    both = merge_tensors("ties", experts, base, density=0.2, chunk_size=None)
+    assert both.shape == base.shape and torch.isfinite(both).all()
+
+
+def test_topk_bracket_falls_back_exactly_on_adversarial_data():
+    from merge_ops.topk import kth_largest
+
+    values = torch.cat([torch.zeros(600_000), torch.arange(1, 1001, dtype=torch.float32)])
+    for k in (1, 500, 1000, 1001, 300_000, 600_000):
+        expected = torch.sort(values, descending=True).values[k - 1]
+        assert kth_largest(values, k) == expected
+
+
+# ---------------------------------------------------------------- chunking, dtypes, determinism
+
+ALL = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(merge_case(), st.sampled_from(ALL), st.integers(1, 50))
+def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk):
+    experts, base, weights, density = case
+    params = {} if method in ("linear", "task_arithmetic") else {"density": density}
+    whole = merge_tensors(method, experts, base, weights=weights, chunk_size=None, name="w", **params)
+    chunked = merge_tensors(method, experts, base, weights=weights, chunk_size=chunk, name="w", **params)
+    assert torch.equal(whole, chunked)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_dtype_defaults_to_base_and_can_be_overridden(dtype):
+    base = torch.randn(4, 4).to(dtype)
+    experts = [(base.float() + 0.1).to(torch.float32)]
+    assert merge_tensors("task_arithmetic", experts, base).dtype == dtype
+    assert merge_tensors("task_arithmetic", experts, base, out_dtype="bfloat16").dtype == torch.bfloat16
+    assert merge_tensors("linear", [base]).dtype == dtype
+
+
+def test_bf16_inputs_are_computed_in_float32():
+    # 1 + 2**-9 is not representable in bf16; its float32 sum with other bf16 values is.
+    a = torch.full((8,), 1.0, dtype=torch.bfloat16)
+    b = torch.full((8,), 1.0078125, dtype=torch.bfloat16)  # 1 + 2**-7
+    out = merge_tensors("linear", [a, b, b, b], out_dtype=torch.float32)
+    assert torch.all(out == (1.0 + 3 * 1.0078125) / 4)
+
+
+def test_dare_is_a_pure_function_of_seed_name_expert_position():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3000, generator=gen)
+    experts = [base + torch.randn(3000, generator=gen) for _ in range(3)]
+    run = lambda **kw: merge_tensors("dare_ties", experts, base, density=0.3, **kw)  # noqa: E731
+    first = run(seed=1, name="layers.0.w")
+    # other tensors merged first (any task order) do not change this one
+    merge_tensors("dare_ties", experts, base, density=0.3, seed=1, name="layers.1.w")
+    assert torch.equal(run(seed=1, name="layers.0.w"), first)
+    assert not torch.equal(run(seed=2, name="layers.0.w"), first)
+    assert not torch.equal(run(seed=1, name="layers.1.w"), first)
+
+
+def test_dare_same_bits_in_a_fresh_process(tmp_path):
+    code = (
+        "import torch, merge_ops;"
+        "g=torch.Generator().manual_seed(3); b=torch.randn(5000, generator=g);"
+        "e=[b+torch.randn(5000, generator=g) for _ in range(4)];"
+        "r=merge_ops.merge_tensors('dare_linear', e, b, density=0.25, seed=9, name='x', chunk_size=777);"
+        f"torch.save(r, {str(tmp_path / 'r.pt')!r})"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(5000, generator=g)
+    e = [b + torch.randn(5000, generator=g) for _ in range(4)]
+    here = merge_tensors("dare_linear", e, b, density=0.25, seed=9, name="x")
+    assert torch.equal(torch.load(tmp_path / "r.pt"), here)
+
+
+def test_dare_expectation_equals_task_arithmetic():
+    n = 2000
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(n, generator=gen)
+    experts = [base + torch.randn(n, generator=gen) for _ in range(2)]
+    density = 0.4
+    ta = merge_tensors("task_arithmetic", experts, base)
+    seeds = 400
+    samples = torch.stack([merge_tensors("dare_linear", experts, base, density=density, seed=s) for s in range(seeds)])
+    # per element, each expert's term is d/p with prob p, else 0: variance d^2 (1-p)/p
+    deltas = torch.stack([e - base for e in experts])
+    std_err = torch.sqrt((deltas**2).sum(0) * (1 - density) / density / seeds)
+    z = (samples.mean(0) - ta) / std_err
+    assert z.abs().max() < 5.5  # 2000 elements: a larger z would be a >1e-4 event under correct sampling
+    assert abs(z.mean().item()) < 0.15  # and no systematic bias across elements
+    keep_rate = (samples != base).float().mean().item()
+    assert abs(keep_rate - (1 - (1 - density) ** 2)) < 0.01
+
+
+def test_dare_l1_rescale_preserves_each_task_vectors_l1_norm():
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(10_000, generator=gen)
+    expert = base + torch.randn(10_000, generator=gen)
+    out = merge_tensors("dare_linear", [expert], base, density=0.3, rescale="l1", out_dtype=torch.float64)
+    before = (expert.double() - base.double()).abs().sum()
+    after = (out - base.double()).abs().sum()
+    assert after.item() == pytest.approx(before.item(), rel=1e-5)
+    plain = merge_tensors("dare_linear", [expert], base, density=0.3, rescale="none")
+    kept = plain != base
+    assert torch.allclose(plain[kept], expert[kept])
+
+
+# ---------------------------------------------------------------- registry and errors
+
+
+def test_registry_lists_methods_with_parameters_and_descriptions():
+    assert set(ALL) <= set(merge_ops.METHODS)
+    ties = merge_ops.METHODS["ties"]
+    assert ties.needs_base and ties.defaults()["density"] == 0.2 and ties.defaults()["lambda"] == 1.0
+    assert not merge_ops.METHODS["linear"].needs_base
+    assert all(m.description for m in merge_ops.METHODS.values())
+
+
+@pytest.fixture
+def pair():
+    base = torch.zeros(3, 4)
+    return [torch.ones(3, 4), torch.ones(3, 4) * 2], base
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e, b: merge_tensors("tie", e, b), "unknown merge method 'tie'.*Did you mean 'ties'"),
+        (lambda e, b: merge_tensors("ties", [], b), "no experts"),
+        (lambda e, b: merge_tensors("ties", [e[0], torch.ones(4, 3)], b, name="w.q"),
+         r"tensor 'w.q'.*expert 1 has shape \(4, 3\), the base has \(3, 4\)"),
+        (lambda e, b: merge_tensors("ties", e), "needs a base"),
+        (lambda e, b: merge_tensors("ties", [e[0], e[1] * float("nan")], b), "expert 1.*NaN or Inf"),
+        (lambda e, b: merge_tensors("task_arithmetic", e, b * float("inf")), "the base.*NaN or Inf"),
+        (lambda e, b: merge_tensors("ties", e, b, density=0.0), r"density must be in \(0, 1\]"),
+        (lambda e, b: merge_tensors("dare_ties", e, b, density=1.5), r"density must be in \(0, 1\]"),
+        (lambda e, b: merge_tensors("ties", e, b, density=[0.2]), "'density'.*1 values for 2 experts"),
+        (lambda e, b: merge_tensors("linear", e, weights=[1.0]), "1 weights given for 2 experts"),
+        (lambda e, b: merge_tensors("ties", e, b, densty=0.3), "unknown parameter 'densty'.*Did you mean 'density'"),
+        (lambda e, b: merge_tensors("linear", e, weights=[1.0, -1.0]), "sum to zero"),
+        (lambda e, b: merge_tensors("dare_ties", e, b, rescale="l2"), "rescale must be"),
+        (lambda e, b: merge_tensors("linear", e, out_dtype="int8"), "out_dtype"),
+    ],
+)
+def test_errors_name_what_is_wrong(pair, call, message):
+    experts, base = pair
+    with pytest.raises(ValueError, match=message):
+        call(experts, base)
+
+
+def test_float_density_rounding_keeps_round_of_density_times_n():
+    delta = torch.arange(1, 101, dtype=torch.float32)  # distinct magnitudes 1..100
+    base = torch.zeros(100)
+    out = merge_tensors("ties", [delta], base, density=0.29)
+    assert int((out != 0).sum()) == 29 == math.floor(0.29 * 100 + 0.5)
