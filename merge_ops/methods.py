@@ -24,6 +24,7 @@ LAMBDA = Param("lambda", 1.0, "scale applied to the merged task vector")
 DENSITY_TIES = Param("density", 0.2, "fraction of each task vector kept, by magnitude", per_model=True)
 DENSITY_DARE = Param("density", 0.1, "probability that a task-vector entry survives the drop", per_model=True)
 RESCALE = Param("rescale", True, "survivor rescale: true/'density' (1/density, the paper), 'l1', false")
+DISJOINT_NORMALIZE = Param("normalize", True, "divide by the summed weights of the agreeing experts (disjoint mean)")
 INT8_MASK = Param("int8_mask", False, "accepted for mergekit compatibility; no effect (masks are bool)")
 
 
@@ -42,10 +43,11 @@ def _weighted_sum(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> to
     return total
 
 
-def _disjoint_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+def _disjoint_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
     """TIES: elect the sign of the weighted sum; weighted mean of the deltas that agree with it.
 
-    An entry whose sum is exactly zero, or where no delta agrees, gets no update.
+    An entry whose sum is exactly zero, or where no delta agrees, gets no update. With
+    normalize=False the agreeing weighted deltas are summed, not averaged (mergekit's option).
     """
     sign = torch.sign(_weighted_sum(deltas, weights))
     num = torch.zeros_like(sign)
@@ -54,6 +56,8 @@ def _disjoint_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> 
         agree = (d * sign) > 0
         num = num + torch.where(agree, d * w, 0.0)
         den = den + torch.where(agree, w, 0.0)
+    if not normalize:
+        return num
     return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
 
 
@@ -102,7 +106,7 @@ def task_arithmetic(experts, base, weights, params, seed, name) -> Kernel:
     "TIES-Merging (Yadav et al. 2023): trim each task vector to its top-density magnitudes, "
     "elect signs, disjoint mean.",
     needs_base=True,
-    params=(DENSITY_TIES, LAMBDA, INT8_MASK),
+    params=(DENSITY_TIES, LAMBDA, DISJOINT_NORMALIZE, INT8_MASK),
 )
 def ties(experts, base, weights, params, seed, name) -> Kernel:
     thresholds = []
@@ -120,7 +124,7 @@ def ties(experts, base, weights, params, seed, name) -> Kernel:
         for e, thr in zip(experts, thresholds, strict=True):
             d = _delta(e, base, start, stop)
             deltas.append(d if thr is None else torch.where(d.abs() >= thr, d, 0.0))
-        return _f32(base, start, stop) + lam * _disjoint_mean(deltas, weights)
+        return _f32(base, start, stop) + lam * _disjoint_mean(deltas, weights, params["normalize"])
 
     return kernel
 
@@ -178,13 +182,13 @@ def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
     "dare_ties",
     "DARE-TIES (Yu et al. 2023): DARE's random drop and rescale, then TIES sign election and disjoint mean.",
     needs_base=True,
-    params=(DENSITY_DARE, LAMBDA, RESCALE, INT8_MASK),
+    params=(DENSITY_DARE, LAMBDA, RESCALE, DISJOINT_NORMALIZE, INT8_MASK),
 )
 def dare_ties(experts, base, weights, params, seed, name) -> Kernel:
     deltas = _dare_deltas(experts, base, params, seed, name)
     lam = params["lambda"]
 
     def kernel(start: int, stop: int) -> torch.Tensor:
-        return _f32(base, start, stop) + lam * _disjoint_mean(deltas(start, stop), weights)
+        return _f32(base, start, stop) + lam * _disjoint_mean(deltas(start, stop), weights, params["normalize"])
 
     return kernel

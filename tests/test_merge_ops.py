@@ -35,7 +35,7 @@ def ref_trim(delta: list[float], density: float) -> list[float]:
     return [d if abs(d) >= threshold else 0.0 for d in delta]
 
 
-def ref_elect_mean(columns: list[list[float]], weights: list[float]) -> list[float]:
+def ref_elect_mean(columns: list[list[float]], weights: list[float], normalize: bool = True) -> list[float]:
     out = []
     for j in range(len(columns[0])):
         total = sum(w * col[j] for col, w in zip(columns, weights))
@@ -45,7 +45,7 @@ def ref_elect_mean(columns: list[list[float]], weights: list[float]) -> list[flo
             if col[j] != 0 and ((col[j] > 0) - (col[j] < 0)) == sign:
                 num += w * col[j]
                 den += w
-        out.append(num / den if den != 0 else 0.0)
+        out.append(num if not normalize else num / den if den != 0 else 0.0)
     return out
 
 
@@ -89,7 +89,7 @@ def reference(method, experts, base, weights, seed=0, name="", **p):
         mixed = [sum(w * col[j] for col, w in zip(cols, weights)) for j in range(len(b))]
     elif method == "ties":
         trimmed = [ref_trim(col, d) for col, d in zip(cols, densities)]
-        mixed = ref_elect_mean(trimmed, weights)
+        mixed = ref_elect_mean(trimmed, weights, p.get("normalize", True))
     else:  # dare_linear / dare_ties, rescale by 1/density
         dropped = [
             [c / d if ref_keep(seed, name, i, j, d) else 0.0 for j, c in enumerate(col)]
@@ -98,7 +98,7 @@ def reference(method, experts, base, weights, seed=0, name="", **p):
         if method == "dare_linear":
             mixed = [sum(w * col[j] for col, w in zip(dropped, weights)) for j in range(len(b))]
         else:
-            mixed = ref_elect_mean(dropped, weights)
+            mixed = ref_elect_mean(dropped, weights, p.get("normalize", True))
     out = [b[j] + lam * mixed[j] for j in range(len(b))]
     return torch.tensor(out, dtype=torch.float64).view(base.shape)
 
@@ -154,11 +154,12 @@ def test_task_arithmetic_matches_reference(case, lam):
 
 
 @SETTINGS
-@given(st.one_of(merge_case(), merge_case(integer_valued=True)))
-def test_ties_matches_reference(case):
+@given(st.one_of(merge_case(), merge_case(integer_valued=True)), st.booleans())
+def test_ties_matches_reference(case, normalize):
     experts, base, weights, density = case
-    got = merge_tensors("ties", experts, base, weights=weights, density=density, out_dtype=torch.float32)
-    assert_close(got, reference("ties", experts, base, weights, density=density))
+    got = merge_tensors("ties", experts, base, weights=weights, density=density, normalize=normalize,
+                        out_dtype=torch.float32)
+    assert_close(got, reference("ties", experts, base, weights, density=density, normalize=normalize))
 
 
 @SETTINGS

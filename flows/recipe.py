@@ -1,0 +1,205 @@
+"""Merge recipes: mergekit's YAML format for the keys we share, plus mergeline's own keys.
+
+Everything is checked here, before any checkpoint is opened: unknown keys, mergekit features we
+do not support, method parameters (through merge_ops' own validation). A recipe that loads is a
+recipe whose merge can start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merge_ops import get_method
+from merge_ops.registry import resolve_params
+
+MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+MERGELINE_KEYS = {"name", "output", "seed", "device", "evaluate", "models_from"}
+UNSUPPORTED = {
+    "slices": "layer slicing (frankenmerges)",
+    "modules": "per-module configurations",
+    "tokenizer_source": "tokenizer merging (mergeline copies the base's tokenizer)",
+    "tokenizer": "tokenizer merging (mergeline copies the base's tokenizer)",
+    "chat_template": "chat template selection",
+}
+DTYPES = {"float32", "float16", "bfloat16"}
+DEVICES = {"auto", "cpu", "cuda"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    uri: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    method: str
+    base: str | None
+    models: tuple[ModelEntry, ...]
+    parameters: dict[str, Any]      # method parameters, resolved: defaults filled, per-model lists expanded
+    weights: tuple[float, ...]
+    output: str | None
+    out_dtype: str | None
+    seed: int
+    device: str
+    evaluate: Any
+    models_from: dict | None
+    text: str
+    source: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def inputs(self) -> list[str]:
+        return [m.uri for m in self.models]
+
+    def with_models(self, uris: list[str]) -> Recipe:
+        """The same recipe over concrete experts (for `models_from` selections)."""
+        data = yaml.safe_load(self.text)
+        data.pop("models_from", None)
+        data["models"] = [{"model": u} for u in uris]
+        return parse_recipe(yaml.safe_dump(data, sort_keys=False), source=self.source)
+
+
+def load_recipe(path: str | Path, *, output: str | None = None) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    return parse_recipe(text, source=str(path), output=output)
+
+
+def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = None) -> Recipe:
+    def fail(msg: str) -> RecipeError:
+        return RecipeError(f"{source}: {msg}")
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise fail(f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise fail("a recipe is a YAML mapping with at least merge_method and models")
+    for key in data:
+        if key in UNSUPPORTED:
+            raise fail(f"'{key}' is a mergekit feature mergeline does not support ({UNSUPPORTED[key]})")
+        if key not in MERGEKIT_KEYS | MERGELINE_KEYS:
+            raise fail(f"unknown key '{key}'; recipe keys are: {', '.join(sorted(MERGEKIT_KEYS | MERGELINE_KEYS))}")
+
+    method_name = data.get("merge_method")
+    if not method_name:
+        raise fail("'merge_method' is required")
+    try:
+        method = get_method(method_name)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+    base = data.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise fail("'base_model' must be a URI string (s3://bucket/prefix or a local path)")
+    if method.needs_base and not base:
+        raise fail(f"method '{method_name}' needs 'base_model'")
+
+    models = _models(data, fail)
+    if base:
+        models = [m for m in models if m.uri != base]  # mergekit lists the base among the models; it is not an expert
+    if not models and not data.get("models_from"):
+        raise fail("'models' lists no experts to merge")
+
+    top = data.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise fail("'parameters' must be a mapping")
+    _no_filters(top, "parameters", fail)
+    params, weights = _method_parameters(method, top, models, fail)
+
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    if out_dtype is not None and out_dtype not in DTYPES:
+        raise fail(f"dtype '{out_dtype}' not supported; use one of {', '.join(sorted(DTYPES))}")
+    device = data.get("device", "auto")
+    if device not in DEVICES:
+        raise fail(f"device '{device}' not supported; use one of {', '.join(sorted(DEVICES))}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise fail(f"'seed' must be an integer, got {seed!r}")
+    models_from = data.get("models_from")
+    if models_from is not None and not (isinstance(models_from, dict) and "uri" in models_from):
+        raise fail("'models_from' must be a mapping with at least 'uri' (and optional 'pattern', 'tags')")
+    name = data.get("name") or Path(source).stem
+    return Recipe(
+        name=str(name), method=method_name, base=base, models=tuple(models), parameters=params,
+        weights=tuple(weights), output=output or data.get("output"), out_dtype=out_dtype, seed=seed,
+        device=device, evaluate=data.get("evaluate"), models_from=models_from, text=text, source=source,
+    )
+
+
+def _models(data: dict, fail) -> list[ModelEntry]:
+    raw = data.get("models") or []
+    if not isinstance(raw, list):
+        raise fail("'models' must be a list of {model: URI, parameters: {...}}")
+    out = []
+    for i, entry in enumerate(raw):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise fail(f"models[{i}] needs 'model: URI'")
+        extra = set(entry) - {"model", "parameters"}
+        if extra:
+            raise fail(f"models[{i}] has unknown keys {sorted(extra)}; allowed: model, parameters")
+        if "+" in entry["model"]:
+            raise fail(f"models[{i}]: 'model+lora' references are a mergekit feature mergeline does not support")
+        params = entry.get("parameters") or {}
+        _no_filters(params, f"models[{i}].parameters", fail)
+        out.append(ModelEntry(entry["model"], dict(params)))
+    return out
+
+
+def _no_filters(params: dict, where: str, fail) -> None:
+    for key, value in params.items():
+        if isinstance(value, (list, dict)):
+            raise fail(
+                f"{where}.{key}: per-layer gradients and filters are a mergekit feature mergeline does not "
+                "support; give a single number"
+            )
+
+
+def _method_parameters(method, top: dict, models: list[ModelEntry], fail) -> tuple[dict, list[float]]:
+    """Top-level values are defaults for every model; per-model values override them."""
+    weights = [float(m.parameters.get("weight", top.get("weight", 1.0))) for m in models]
+    per_model = {p.name for p in method.params if p.per_model}
+    given: dict[str, Any] = {k: v for k, v in top.items() if k != "weight"}
+    for m in models:
+        for key in m.parameters:
+            if key != "weight" and key not in per_model:
+                known = ", ".join(["weight", *sorted(per_model)])
+                raise fail(f"per-model parameter '{key}' is not accepted by '{method.name}' (per-model: {known})")
+    for key in per_model:
+        if any(key in m.parameters for m in models):
+            default = top.get(key, method.defaults()[key])
+            given[key] = [m.parameters.get(key, default) for m in models]
+    try:
+        return resolve_params(method, given, max(1, len(models))), weights
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+def recipe_summary(recipe: Recipe) -> dict:
+    """A JSON-able description for provenance records."""
+    return {
+        "name": recipe.name, "merge_method": recipe.method, "base_model": recipe.base,
+        "models": [{"model": m.uri, "parameters": m.parameters} for m in recipe.models],
+        "parameters": json.loads(json.dumps(recipe.parameters)), "weights": list(recipe.weights),
+        "out_dtype": recipe.out_dtype, "seed": recipe.seed, "digest": recipe.digest,
+    }
