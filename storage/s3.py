@@ -8,12 +8,19 @@ count come from AWS_RETRY_MODE / AWS_MAX_ATTEMPTS or the profile, defaulting her
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import random
 import threading
+import time
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from storage.errors import CheckpointError, StorageError
 
 _local = threading.local()
 
@@ -50,3 +57,159 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     if not bucket:
         raise ValueError(f"S3 URI has no bucket: {uri!r}")
     return bucket, key
+
+
+# --- object operations used by storage (errors translated, bodies checked) --------------------
+
+# Errors that are the caller's input (wrong bucket/key/permissions), never worth a retry.
+_INPUT_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "InvalidBucketName"}
+
+
+def max_attempts() -> int:
+    return int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
+
+
+def transfer_config() -> TransferConfig:
+    """boto3's transfer manager settings; multipart above MERGELINE_MULTIPART_THRESHOLD_MB (default 64)."""
+    mb = 1024 * 1024
+    threshold = int(float(os.environ.get("MERGELINE_MULTIPART_THRESHOLD_MB", "64")) * mb)
+    chunk = int(float(os.environ.get("MERGELINE_MULTIPART_CHUNK_MB", "64")) * mb)
+    return TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(chunk, 5 * mb),
+                          max_concurrency=int(os.environ.get("MERGELINE_IO_THREADS", "16")))
+
+
+@contextlib.contextmanager
+def errors_for(uri: str):
+    """Turn botocore failures (already retried by botocore) into CheckpointError / StorageError."""
+    try:
+        yield
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _INPUT_CODES or status in (403, 404):
+            raise CheckpointError(f"{uri}: {code or status} (missing or not readable)") from e
+        if code == "PreconditionFailed" or status == 412:
+            raise StorageError(f"{uri} changed since it was opened (ETag no longer matches); reopen it") from e
+        raise StorageError(f"{uri}: {code or status} after {max_attempts()} attempts: {e}") from e
+    except BotoCoreError as e:
+        raise StorageError(f"{uri}: {e}") from e
+
+
+def _clean_version(version: str | None) -> str | None:
+    return None if version in (None, "", "null") else version
+
+
+def head(bucket: str, key: str) -> tuple[int, str | None, str | None]:
+    """(size, etag without quotes, version id or None) of one object."""
+    uri = f"s3://{bucket}/{key}"
+    with errors_for(uri):
+        r = client().head_object(Bucket=bucket, Key=key)
+    return r["ContentLength"], (r.get("ETag") or "").strip('"') or None, _clean_version(r.get("VersionId"))
+
+
+def list_dir(bucket: str, prefix: str) -> dict[str, tuple[int, str | None]]:
+    """Objects directly under prefix/ (not deeper): name -> (size, etag)."""
+    out: dict[str, tuple[int, str | None]] = {}
+    base = prefix.rstrip("/") + "/" if prefix else ""
+    with errors_for(f"s3://{bucket}/{base}"):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base, Delimiter="/"):
+            for obj in page.get("Contents", []):
+                out[obj["Key"][len(base):]] = (obj["Size"], (obj.get("ETag") or "").strip('"') or None)
+    return out
+
+
+def list_keys(bucket: str, prefix: str) -> list[str]:
+    """Every key under prefix/ (recursive)."""
+    base = prefix.rstrip("/") + "/"
+    keys: list[str] = []
+    with errors_for(f"s3://{bucket}/{base}"):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+    return keys
+
+
+class _BodyProblem(Exception):
+    pass
+
+
+def _fill(body, out: memoryview) -> None:
+    pos = 0
+    for chunk in body.iter_chunks(1 << 20):
+        if pos + len(chunk) > len(out):
+            raise _BodyProblem(f"body longer than the {len(out)} bytes requested")
+        out[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    if pos != len(out):
+        raise _BodyProblem(f"body had {pos} of {len(out)} bytes requested")
+
+
+def get_range_into(bucket: str, key: str, start: int, out: memoryview, *,
+                   etag: str | None = None, version_id: str | None = None) -> None:
+    """Fill `out` with bytes [start, start+len(out)) of the object, or raise.
+
+    botocore retries the request itself; a body that breaks off or is shorter than the range
+    arrives after botocore is done, so it is retried here, never returned as data. The read is
+    pinned to the version (or ETag) recorded when the file was opened.
+    """
+    n = len(out)
+    if n == 0:
+        return
+    uri = f"s3://{bucket}/{key}"
+    kwargs = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{start + n - 1}"}
+    if version_id:
+        kwargs["VersionId"] = version_id
+    elif etag:
+        kwargs["IfMatch"] = f'"{etag}"'
+    problem = ""
+    for attempt in range(max_attempts()):
+        if attempt:
+            time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+        with errors_for(uri):
+            body = client().get_object(**kwargs)["Body"]
+        try:
+            _fill(body, out)
+            return
+        except (_BodyProblem, BotoCoreError, OSError) as e:  # urllib3/http.client errors are OSErrors or wrapped
+            problem = str(e) or type(e).__name__
+        except Exception as e:  # urllib3.ProtocolError is not an OSError
+            if type(e).__module__.split(".")[0] not in ("urllib3", "http"):
+                raise
+            problem = str(e) or type(e).__name__
+        finally:
+            body.close()
+    raise StorageError(f"{uri} bytes {start}-{start + n - 1}: {problem} (after {max_attempts()} attempts)")
+
+
+def put_bytes(bucket: str, key: str, data: bytes) -> None:
+    with errors_for(f"s3://{bucket}/{key}"):
+        client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def upload_file(path: str, bucket: str, key: str) -> None:
+    """Upload with boto3's transfer manager (multipart above the threshold; parts retried)."""
+    with errors_for(f"s3://{bucket}/{key}"):
+        client().upload_file(path, bucket, key, Config=transfer_config())
+
+
+def copy(src_bucket: str, src_key: str, bucket: str, key: str) -> None:
+    """Server-side copy with the transfer manager (multipart copy for large objects)."""
+    with errors_for(f"s3://{src_bucket}/{src_key} -> s3://{bucket}/{key}"):
+        client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key, Config=transfer_config())
+
+
+def delete_keys(bucket: str, keys: list[str]) -> None:
+    for i in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[i : i + 1000]]
+        with errors_for(f"s3://{bucket}/{keys[i]}"):
+            r = client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        if r.get("Errors"):
+            raise StorageError(f"s3://{bucket}: could not delete {r['Errors'][:3]}")
+
+
+def abort_uploads(bucket: str, prefix: str) -> None:
+    """Abort multipart uploads left under prefix/ by a killed writer (they cost storage, invisibly)."""
+    base = prefix.rstrip("/") + "/"
+    with errors_for(f"s3://{bucket}/{base}"):
+        for page in client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=base):
+            for up in page.get("Uploads", []):
+                client().abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])

@@ -1,0 +1,141 @@
+"""A local read-through cache of byte ranges, so a re-run of a merge downloads nothing twice.
+
+Entries are keyed by (URI, file identity, byte range): a changed file has a new identity, so a
+stale entry is never served, only evicted. Several processes may share one directory: entries
+are written to a temp file and renamed into place, readers check the length, and a file evicted
+under a reader is a miss. Eviction is least-recently-used (by mtime, bumped on every hit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from storage.uri import FileIdentity
+
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 3600
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_downloaded: int = 0  # fetched from the source on a miss
+    bytes_from_cache: int = 0
+    evictions: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class ReadCache:
+    """Bounded on-disk cache of byte ranges; thread- and process-safe."""
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.directory = Path(directory)
+        self.max_bytes = int(max_bytes)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._size = self._scan()[0]
+
+    @classmethod
+    def from_env(cls) -> ReadCache | None:
+        """MERGELINE_CACHE_DIR (unset: no cache) and MERGELINE_CACHE_MAX_GB (default 50)."""
+        directory = os.environ.get("MERGELINE_CACHE_DIR")
+        if not directory:
+            return None
+        return cls(directory, int(float(os.environ.get("MERGELINE_CACHE_MAX_GB", "50")) * 1e9))
+
+    def _path(self, ident: FileIdentity, start: int, end: int) -> Path:
+        key = json.dumps([ident.uri, ident.size, ident.etag, ident.version_id, start, end])
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.directory / digest[:2] / digest
+
+    def get_into(self, ident: FileIdentity, start: int, out: memoryview) -> bool:
+        """Fill out from the cache; False (a miss) if the entry is absent, evicted or the wrong length."""
+        path = self._path(ident, start, start + len(out))
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != len(out) or f.readinto(out) != len(out):
+                    return False
+            os.utime(path)  # LRU: a hit makes the entry young again
+        except FileNotFoundError:
+            return False
+        self.stats.add(hits=1, bytes_from_cache=len(out))
+        return True
+
+    def put(self, ident: FileIdentity, start: int, data: memoryview) -> None:
+        """Store a range just downloaded (temp file + rename: readers never see a partial entry)."""
+        path = self._path(ident, start, start + len(data))
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            with_missing_ok(tmp)
+            return  # a full disk makes the cache useless, not the read wrong
+        with self._lock:
+            self._size += len(data)
+            over = self._size > self.max_bytes
+        if over:
+            self.evict()
+
+    def record_miss(self, nbytes: int) -> None:
+        self.stats.add(misses=1, bytes_downloaded=nbytes)
+
+    def _scan(self) -> tuple[int, list[tuple[float, int, Path]]]:
+        total, entries, now = 0, [], time.time()
+        for sub in self.directory.iterdir() if self.directory.exists() else []:
+            if not sub.is_dir():
+                continue
+            for p in sub.iterdir():
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                if p.name.startswith(_TMP_PREFIX):
+                    if now - st.st_mtime > _STALE_TMP_S:  # left by a killed process
+                        with_missing_ok(p)
+                    continue
+                total += st.st_size
+                entries.append((st.st_mtime, st.st_size, p))
+        return total, entries
+
+    def evict(self) -> None:
+        """Drop least-recently-used entries until the cache is at 90% of its bound."""
+        with self._lock:
+            total, entries = self._scan()
+            entries.sort()
+            target = int(self.max_bytes * 0.9)
+            removed = 0
+            for _, size, p in entries:
+                if total <= target:
+                    break
+                with_missing_ok(p)
+                total -= size
+                removed += 1
+            self._size = total
+        self.stats.add(evictions=removed)
+
+    def size_bytes(self) -> int:
+        return self._scan()[0]
+
+
+def with_missing_ok(path: Path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
