@@ -1,0 +1,113 @@
+"""Opening the catalog file safely from many processes.
+
+DuckDB lets one process write a database file at a time, and a process that holds it open blocks
+every other. So nothing here keeps the file open: each operation takes an fcntl lock on a sidecar
+file (`<catalog>.lock`; shared for reads, exclusive for writes), opens a connection, runs one short
+transaction, and closes. Waiting for the lock is a poll with jittered backoff up to `timeout`; a
+process outside mergeline holding the DuckDB file (the duckdb CLI, say) is retried the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import decimal
+import fcntl
+import json
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+
+import duckdb
+
+# Every reader uses the same configuration: DuckDB refuses a second connection to a file open in
+# the same process with different settings. No file access either, so `sql` cannot write files.
+READ_CONFIG = {"enable_external_access": False}
+
+
+class CatalogBusy(TimeoutError):
+    """Another process held the catalog longer than the timeout."""
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def locked(path: Path, *, exclusive: bool, timeout: float):
+    """Hold the sidecar lock (fcntl.flock: released by the kernel if the process dies)."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(lock_path(path), os.O_RDONLY)  # a reader in a directory it cannot write
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        _retry(lambda: fcntl.flock(fd, mode | fcntl.LOCK_NB), BlockingIOError, timeout,
+               f"catalog {path} is locked by another process (lock file {lock_path(path)})")
+        yield
+    finally:
+        os.close(fd)
+
+
+def connect(path: Path, *, read_only: bool, timeout: float, config: dict | None = None):
+    """duckdb.connect, retrying while a process that ignores our lock file has the database open."""
+
+    def attempt():
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config or {})
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise _Conflict(str(exc)) from exc
+            raise
+
+    return _retry(attempt, _Conflict, timeout, f"catalog {path} is held open by another program")
+
+
+class _Conflict(Exception):
+    pass
+
+
+def _retry(fn, retry_on, timeout: float, message: str):
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        try:
+            return fn()
+        except retry_on as exc:
+            if time.monotonic() >= deadline:
+                raise CatalogBusy(f"{message}; gave up after {timeout:g}s ({exc})") from None
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+
+
+def rows(con, query: str, params=None) -> list[dict]:
+    """Run a query; rows as dicts of plain, JSON-serialisable Python (JSON columns parsed)."""
+    result = con.execute(query, params or [])
+    if result.description is None:
+        return []
+    names = [d[0] for d in result.description]
+    json_cols = {i for i, d in enumerate(result.description) if str(d[1]) == "JSON"}
+    return [
+        {n: (json.loads(v) if i in json_cols and v is not None else plain(v)) for i, (n, v) in enumerate(zip(names, r))}
+        for r in result.fetchall()
+    ]
+
+
+def plain(v):
+    if isinstance(v, (dt.datetime, dt.date, dt.time)):
+        return v.isoformat()
+    if isinstance(v, dt.timedelta):
+        return v.total_seconds()
+    if isinstance(v, decimal.Decimal):
+        return float(v)
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    return v
