@@ -57,3 +57,23 @@ def prefect_api(tmp_path_factory):
     storage_path = tmp_path_factory.mktemp("prefect-results")
     with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage_path}):
         yield
+
+
+@pytest.fixture
+def s3_faults(s3_env, s3_server, monkeypatch, request):
+    """A fault-injecting HTTP proxy (tests/s3_faults.py) between boto3 and the test S3 endpoint.
+
+    AWS_ENDPOINT_URL points at the proxy for the test. Default: 20% of requests fail (500, 503,
+    connection reset, truncated or short bodies), seed 0. Parametrise with indirect=True and a
+    fraction or a dict of FaultProxy arguments, or call .configure() / use .paused() in the test.
+    """
+    from s3_faults import FaultProxy
+
+    param = getattr(request, "param", None)
+    kwargs = {"fraction": 0.2, **(param if isinstance(param, dict) else {} if param is None else {"fraction": param})}
+    proxy = FaultProxy(s3_server, **kwargs).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
