@@ -452,12 +452,13 @@ class Catalog:
         with self._read() as con:
             try:
                 return db.rows(con, query)
-            except (duckdb.InvalidInputException, duckdb.PermissionException) as exc:
-                if "read-only" in str(exc) or "disabled" in str(exc):
-                    raise CatalogError(f"catalog sql is read-only: {exc}") from None
-                raise CatalogError(f"sql: {exc}") from None
             except duckdb.Error as exc:
-                raise CatalogError(f"sql: {exc}") from None
+                message = str(exc).strip().splitlines()[0]  # DuckDB adds a caret diagram below
+                if isinstance(exc, (duckdb.InvalidInputException, duckdb.PermissionException)) and (
+                    "read-only" in message or "disabled" in message
+                ):
+                    raise CatalogError(f"catalog sql is read-only: {message}") from None
+                raise CatalogError(f"sql: {message}") from None
 
     def export(self, dest: str) -> list[str]:
         """Write every table to `<dest>/<table>.parquet`, dest a local directory or s3://bucket/prefix."""
