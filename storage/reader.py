@@ -259,12 +259,12 @@ def check_compatible(checkpoints: list[Checkpoint], *, max_listed: int = 10) -> 
         who = f"input {i} ({ck.uri})"
         if ck.model_type != ref.model_type:
             problems.append(f"{who}: model_type {ck.model_type!r}, input 0 has {ref.model_type!r}")
-        problems += [f"{who}: missing tensor {n!r}" for n in ref.tensors if n not in ck.tensors]
+        for n, t in ref.tensors.items():  # in file order, so the first differences listed are the first layers'
+            if n not in ck.tensors:
+                problems.append(f"{who}: missing tensor {n!r}")
+            elif ck.tensors[n].shape != t.shape:
+                problems.append(f"{who}: tensor {n!r} has shape {ck.tensors[n].shape}, input 0 has {t.shape}")
         problems += [f"{who}: extra tensor {n!r}" for n in ck.tensors if n not in ref.tensors]
-        problems += [
-            f"{who}: tensor {n!r} has shape {ck.tensors[n].shape}, input 0 has {t.shape}"
-            for n, t in ref.tensors.items() if n in ck.tensors and ck.tensors[n].shape != t.shape
-        ]
         pairs: dict[tuple[str, str], list[str]] = {}
         for n, t in ref.tensors.items():
             if n in ck.tensors and ck.tensors[n].dtype != t.dtype:

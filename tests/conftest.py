@@ -77,3 +77,47 @@ def s3_faults(s3_env, s3_server, monkeypatch, request):
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_llamas(tmp_path_factory):
+    """Tiny Llama checkpoints (hidden 32, 2 layers) in HF layout, made once per session.
+
+    'single': model.safetensors (bf16) + tokenizer/generation files; 'sharded': the same model in
+    fp32 as index + shards; 'expert': another seed, same shapes (bf16); 'other': 1 layer, hidden 16.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(path, seed, dtype, hidden=32, layers=2, shard=None):
+        cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=False)
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).to(dtype).save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+        (path / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+        (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordLevel"}}')
+        return path
+
+    root = tmp_path_factory.mktemp("tiny-llamas")
+    return {
+        "single": make(root / "single", 0, torch.bfloat16),
+        "sharded": make(root / "sharded", 0, torch.float32, shard="30KB"),
+        "expert": make(root / "expert", 1, torch.bfloat16),
+        "other": make(root / "other", 2, torch.bfloat16, hidden=16, layers=1),
+    }
+
+
+@pytest.fixture
+def put_s3_dir(s3_server):
+    """put_s3_dir(local_dir, bucket, prefix) -> 's3://bucket/prefix': uploads straight to the test
+    endpoint with plain boto3 (never through a fault proxy), for test setup."""
+
+    def put(local, bucket_name: str, prefix: str) -> str:
+        client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        for f in sorted(p for p in local.iterdir() if p.is_file()):
+            client.upload_file(str(f), bucket_name, f"{prefix}/{f.name}")
+        return f"s3://{bucket_name}/{prefix}"
+
+    return put
