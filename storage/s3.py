@@ -49,6 +49,21 @@ def client():
     return cached[key]
 
 
+_shared: dict[tuple, object] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_client():
+    """One S3 client per process and configuration, shared by all threads (boto3 clients are
+    thread-safe): a pool of 16 I/O threads then costs one client and one connection pool, not 16."""
+    key = (os.environ.get("AWS_PROFILE"), os.environ.get("AWS_ENDPOINT_URL"), os.getpid(),
+           os.environ.get("AWS_RETRY_MODE"), os.environ.get("AWS_MAX_ATTEMPTS"))
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = _session_for(*key[:3]).client("s3", config=client_config(max_pool_connections=64))
+        return _shared[key]
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """'s3://bucket/some/key' -> ('bucket', 'some/key')."""
     if not uri.startswith("s3://"):
@@ -103,7 +118,7 @@ def head(bucket: str, key: str) -> tuple[int, str | None, str | None]:
     """(size, etag without quotes, version id or None) of one object."""
     uri = f"s3://{bucket}/{key}"
     with errors_for(uri):
-        r = client().head_object(Bucket=bucket, Key=key)
+        r = shared_client().head_object(Bucket=bucket, Key=key)
     return r["ContentLength"], (r.get("ETag") or "").strip('"') or None, _clean_version(r.get("VersionId"))
 
 
@@ -112,7 +127,7 @@ def list_dir(bucket: str, prefix: str) -> dict[str, tuple[int, str | None]]:
     out: dict[str, tuple[int, str | None]] = {}
     base = prefix.rstrip("/") + "/" if prefix else ""
     with errors_for(f"s3://{bucket}/{base}"):
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base, Delimiter="/"):
+        for page in shared_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base, Delimiter="/"):
             for obj in page.get("Contents", []):
                 out[obj["Key"][len(base):]] = (obj["Size"], (obj.get("ETag") or "").strip('"') or None)
     return out
@@ -123,7 +138,7 @@ def list_keys(bucket: str, prefix: str) -> list[str]:
     base = prefix.rstrip("/") + "/"
     keys: list[str] = []
     with errors_for(f"s3://{bucket}/{base}"):
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+        for page in shared_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
             keys += [obj["Key"] for obj in page.get("Contents", [])]
     return keys
 
@@ -165,7 +180,7 @@ def get_range_into(bucket: str, key: str, start: int, out: memoryview, *,
         if attempt:
             time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
         with errors_for(uri):
-            body = client().get_object(**kwargs)["Body"]
+            body = shared_client().get_object(**kwargs)["Body"]
         try:
             _fill(body, out)
             return
@@ -182,26 +197,26 @@ def get_range_into(bucket: str, key: str, start: int, out: memoryview, *,
 
 def put_bytes(bucket: str, key: str, data: bytes) -> None:
     with errors_for(f"s3://{bucket}/{key}"):
-        client().put_object(Bucket=bucket, Key=key, Body=data)
+        shared_client().put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def upload_file(path: str, bucket: str, key: str) -> None:
     """Upload with boto3's transfer manager (multipart above the threshold; parts retried)."""
     with errors_for(f"s3://{bucket}/{key}"):
-        client().upload_file(path, bucket, key, Config=transfer_config())
+        shared_client().upload_file(path, bucket, key, Config=transfer_config())
 
 
 def copy(src_bucket: str, src_key: str, bucket: str, key: str) -> None:
     """Server-side copy with the transfer manager (multipart copy for large objects)."""
     with errors_for(f"s3://{src_bucket}/{src_key} -> s3://{bucket}/{key}"):
-        client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key, Config=transfer_config())
+        shared_client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key, Config=transfer_config())
 
 
 def delete_keys(bucket: str, keys: list[str]) -> None:
     for i in range(0, len(keys), 1000):
         batch = [{"Key": k} for k in keys[i : i + 1000]]
         with errors_for(f"s3://{bucket}/{keys[i]}"):
-            r = client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            r = shared_client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
         if r.get("Errors"):
             raise StorageError(f"s3://{bucket}: could not delete {r['Errors'][:3]}")
 
@@ -210,6 +225,6 @@ def abort_uploads(bucket: str, prefix: str) -> None:
     """Abort multipart uploads left under prefix/ by a killed writer (they cost storage, invisibly)."""
     base = prefix.rstrip("/") + "/"
     with errors_for(f"s3://{bucket}/{base}"):
-        for page in client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=base):
+        for page in shared_client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=base):
             for up in page.get("Uploads", []):
-                client().abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                shared_client().abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])

@@ -24,6 +24,7 @@ import http.client
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from collections import Counter
 from contextlib import contextmanager
@@ -47,11 +48,12 @@ class Logged:
 
 class FaultProxy:
     def __init__(self, upstream: str, *, fraction: float = 0.0, seed: int = 0,
-                 kinds: tuple[str, ...] = DEFAULT_KINDS, max_faults_per_request: int = 2):
+                 kinds: tuple[str, ...] = DEFAULT_KINDS, max_faults_per_request: int = 2, latency_s: float = 0.0):
         up = urllib.parse.urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
         self.fraction, self.seed, self.kinds = fraction, seed, tuple(kinds)
         self.max_faults_per_request = max_faults_per_request
+        self.latency_s = latency_s  # added to every request: makes parallelism measurable
         self.log: list[Logged] = []
         self._seen: Counter = Counter()
         self._streak: Counter = Counter()
@@ -76,7 +78,8 @@ class FaultProxy:
         self._server.server_close()
 
     def configure(self, *, fraction: float | None = None, seed: int | None = None,
-                  kinds: tuple[str, ...] | None = None, max_faults_per_request: int | None = None) -> None:
+                  kinds: tuple[str, ...] | None = None, max_faults_per_request: int | None = None,
+                  latency_s: float | None = None) -> None:
         with self._lock:
             if fraction is not None:
                 self.fraction = fraction
@@ -86,6 +89,8 @@ class FaultProxy:
                 self.kinds = tuple(kinds)
             if max_faults_per_request is not None:
                 self.max_faults_per_request = max_faults_per_request
+            if latency_s is not None:
+                self.latency_s = latency_s
 
     @contextmanager
     def paused(self):
@@ -162,6 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._read_body()
+        if self.owner.latency_s:
+            time.sleep(self.owner.latency_s)
         path, _, query = self.path.partition("?")
         rng = self.headers.get("Range")
         fault = self.owner._decide(self.command, path, query, rng)
