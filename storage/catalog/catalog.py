@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -278,23 +278,36 @@ class Catalog:
         higher_is_better: bool | None = None,
     ) -> str:
         """Record one score; returns its id. higher_is_better defaults from the metric name (perplexity: lower)."""
-        split = _split(split)
-        value = _finite(value, "value")
-        if normalized_value is not None:
-            normalized_value = _finite(normalized_value, "normalized_value")
-        if higher_is_better is None:
-            higher_is_better = not any(w in metric.lower() for w in schema.LOWER_IS_BETTER)
-        evaluation_id = "ev-" + uuid.uuid4().hex[:12]
+        return self.record_evaluations([{k: v for k, v in locals().items() if k != "self"}])[0]
+
+    def record_evaluations(self, scores: list[dict]) -> list[str]:
+        """Record many scores (record_evaluation's keyword arguments each) in one transaction: all or none."""
+        rows, ids = [], []
+        for s in scores:
+            s = dict(s)
+            metric = s["metric"]
+            hib = s.get("higher_is_better")
+            if hib is None:
+                hib = not any(w in metric.lower() for w in schema.LOWER_IS_BETTER)
+            normalized = s.get("normalized_value")
+            ids.append("ev-" + uuid.uuid4().hex[:12])
+            rows.append([
+                ids[-1], s["checkpoint_id"], s["suite"], s["task"], _split(s["split"]), metric,
+                _finite(s["value"], "value"), None if normalized is None else _finite(normalized, "normalized_value"),
+                s.get("normalized_against"), s.get("num_examples"), s.get("data_digest"), s.get("flow_run_id"),
+                bool(hib),
+            ])
         with self._write() as con:
-            con.execute(
+            now = _now()
+            for i, row in enumerate(rows):  # a microsecond apart, so a later duplicate is the latest score
+                row[1] = self._require(con, row[1])["id"]
+                row.append(now + timedelta(microseconds=i))
+            con.executemany(
                 "INSERT INTO evaluations (id, checkpoint_id, suite, task, split, metric, value, normalized_value, "
-                "normalized_against, num_examples, data_digest, flow_run_id, recorded_at, higher_is_better) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [evaluation_id, self._require(con, checkpoint_id)["id"], suite, task, split, metric, value,
-                 normalized_value, normalized_against, num_examples, data_digest, flow_run_id, _now(),
-                 bool(higher_is_better)],
+                "normalized_against, num_examples, data_digest, flow_run_id, higher_is_better, recorded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows,
             )
-        return evaluation_id
+        return ids
 
     # -- queries --------------------------------------------------------------------------------
 

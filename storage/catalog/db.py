@@ -3,8 +3,10 @@
 DuckDB lets one process write a database file at a time, and a process that holds it open blocks
 every other. So nothing here keeps the file open: each operation takes an fcntl lock on a sidecar
 file (`<catalog>.lock`; shared for reads, exclusive for writes), opens a connection, runs one short
-transaction, and closes. Waiting for the lock is a poll with jittered backoff up to `timeout`; a
-process outside mergeline holding the DuckDB file (the duckdb CLI, say) is retried the same way.
+transaction, and closes. A contended lock is waited for in the kernel (a blocking flock, so the
+waiter gets the lock as soon as the holder lets go, instead of polling and losing every race to a
+busy writer), up to `timeout`. A process outside mergeline holding the DuckDB file (the duckdb CLI,
+say) is retried with jittered backoff up to the same timeout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import fcntl
 import json
 import os
 import random
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -43,12 +46,39 @@ def locked(path: Path, *, exclusive: bool, timeout: float):
     except PermissionError:
         fd = os.open(lock_path(path), os.O_RDONLY)  # a reader in a directory it cannot write
     try:
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        _retry(lambda: fcntl.flock(fd, mode | fcntl.LOCK_NB), BlockingIOError, timeout,
+        _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout,
                f"catalog {path} is locked by another process (lock file {lock_path(path)})")
         yield
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, mode: int, timeout: float, message: str) -> None:
+    """flock with a timeout: a helper thread blocks on a dup of fd while this one waits for it."""
+    try:
+        return fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pass
+    # The lock belongs to the open file description that fd and its dup share: it is held as long
+    # as fd is open, and if we give up, closing fd and the dup lets it go even if it comes late.
+    dup = os.dup(fd)
+    done = threading.Event()
+    failed: list[OSError] = []
+
+    def wait() -> None:
+        try:
+            fcntl.flock(dup, mode)
+        except OSError as exc:
+            failed.append(exc)
+        finally:
+            os.close(dup)
+            done.set()
+
+    threading.Thread(target=wait, name="catalog-lock", daemon=True).start()
+    if not done.wait(timeout):
+        raise CatalogBusy(f"{message}; gave up after {timeout:g}s")
+    if failed:
+        raise failed[0]
 
 
 def connect(path: Path, *, read_only: bool, timeout: float, config: dict | None = None):
