@@ -200,6 +200,8 @@ def abort_staging(staging: str) -> None:
     """Remove a staging area and anything a killed writer left for it (spool files, multipart uploads)."""
     staging = validate_output_uri(staging)
     delete_tree(staging)
+    if not is_s3(staging):
+        _remove_if_empty(os.path.dirname(staging))
     for path in glob.glob(os.path.join(_spool_dir(), _spool_prefix(staging) + "*")):
         with_missing_ok(os.remove, path)
 
@@ -310,6 +312,15 @@ def _publish_local(out: str, staging: str, names: set[str], marker: bytes) -> No
     except OSError as e:
         raise StorageError(f"could not move {staging} into place at {out}: {e}") from e
     shutil.rmtree(old, ignore_errors=True)
+    _remove_if_empty(os.path.dirname(staging))
+
+
+def _remove_if_empty(directory: str) -> None:
+    """Drop the shared .mergeline-staging folder once no other output is staged in it."""
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
 
 
 def _publish_s3(out: str, staging: str, shard_names: list[str], small_names: list[str],
