@@ -16,8 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned expert checkpoints (local or S3) into one model, with provenance.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from flows import catalog_cli
+    from flows import catalog_cli, merge_cli
 
+    merge_cli.add_parser(sub)
     catalog_cli.add_parser(sub)
     return parser
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from storage import s3
-from storage.errors import CheckpointError
+from storage.errors import CheckpointError, StorageError
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
@@ -207,3 +207,16 @@ def with_missing_ok(fn, *args) -> None:
         fn(*args)
     except FileNotFoundError:
         pass
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy one file: server-side on S3 (no bytes through this machine), temp + rename locally."""
+    if is_s3(src) and is_s3(dst):
+        s3.copy(*_key(src), *_key(dst))
+        return
+    if is_s3(src) or is_s3(dst):
+        raise StorageError(f"copy between S3 and local paths is not supported: {src} -> {dst}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -1,0 +1,216 @@
+"""The Prefect merge flow: recipe -> plan -> one task per layer unit -> atomic commit -> catalog.
+
+Layer tasks are cached on everything that determines their shard (UnitJob.cache_key) with
+persisted results, so a re-run, or a run restarted after a crash, recomputes only what is
+missing. A unit whose cached shard is gone (its staging area was cleaned) is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+import storage
+from storage.catalog import Catalog
+from storage.uri import copy_file, join
+from storage.version import code_version
+
+from .plan import Plan, make_plan
+from .recipe import Recipe, parse_recipe, recipe_summary
+from .unit import UnitJob, run_unit
+
+# Called as listener(unit_name, done, total, cached) when a unit finishes: the CLI's progress bar.
+progress_listeners: list[Callable[[str, int, int, bool], None]] = []
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O trouble; never retry bad input (ValueError and its subclasses)."""
+    try:
+        state.result(raise_on_failure=True)
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 - network, 5xx, throttling after botocore's own retries
+        return True
+    return False
+
+
+@task(
+    name="merge-layer",
+    task_run_name="merge-layer-{unit_id}",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=_transient,
+    cache_key_fn=lambda ctx, params: params["job"].cache_key(),
+    persist_result=True,
+    result_serializer="json",
+)
+def merge_layer(unit_id: str, job: UnitJob) -> dict:
+    return run_unit(job)
+
+
+@flow(name="merge", log_prints=True)
+def merge_flow(
+    recipe_text: str,
+    recipe_source: str = "<recipe>",
+    output: str | None = None,
+    catalog_path: str | None = None,
+    trigger: str = "manual",
+) -> dict:
+    """Merge the experts of a recipe (YAML text) and publish the result; returns a run summary."""
+    logger = get_run_logger()
+    recipe = parse_recipe(recipe_text, source=recipe_source, output=output)
+    catalog = Catalog(catalog_path)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    plan = make_plan(recipe)
+    timings["plan"] = time.perf_counter() - t0
+    staging = storage.staging_uri(plan.output)
+    run_id = _start_run(catalog, plan, trigger)
+    try:
+        t0 = time.perf_counter()
+        results, cached = _merge_units(plan, staging, logger)
+        timings["merge"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        published = storage.publish_checkpoint(
+            plan.output, staging, [_shard_info(r) for r in results],
+            config_source=plan.reference, dtype=plan.dtype, sidecar=_sidecar(plan, results),
+        )
+        timings["commit"] = time.perf_counter() - t0
+        model_id = catalog.complete_run(
+            run_id, published.uri, name=recipe.name, identity=published.identity,
+            model_type=published.model_type, param_count=published.param_count,
+            dtype=str(plan.dtype).removeprefix("torch."), metadata={"recipe_digest": recipe.digest}, timings=timings,
+        )
+    except BaseException as exc:
+        storage.abort_staging(staging)
+        catalog.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
+        raise
+    summary = {
+        "run_id": run_id, "model_id": model_id, "output": published.uri, "identity": published.identity,
+        "units": len(plan.units), "cached": sorted(cached),
+        "computed": sorted(r["unit"] for r in results if r["unit"] not in cached), "timings": timings,
+    }
+    create_table_artifact(
+        key="merge-summary",
+        table=[{"unit": r["unit"], "shard": r["filename"], "bytes": r["size"], "sha256": r["sha256"][:16],
+                "cached": r["unit"] in cached} for r in results],
+        description=f"{recipe.method} merge of {len(plan.experts)} experts into {published.uri}",
+    )
+    logger.info("published %s (%d units, %d from cache)", published.uri, len(plan.units), len(cached))
+    return summary
+
+
+def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]]:
+    """Run every unit's task; make sure each result's shard is really staged."""
+    jobs = {u.name: UnitJob.from_plan(plan, u, staging) for u in plan.units}
+    artifact = create_progress_artifact(progress=0.0, key="merge-progress", description="layer units merged")
+    futures = {merge_layer.submit(unit_id=name, job=job): name for name, job in jobs.items()}
+    results: dict[str, dict] = {}
+    cached: set[str] = set()
+    for done, fut in enumerate(as_completed(list(futures)), start=1):
+        name = futures[fut]
+        results[name] = fut.result()
+        if fut.state.name == "Cached":
+            cached.add(name)
+        update_progress_artifact(artifact, progress=100.0 * done / len(futures))
+        for listener in progress_listeners:
+            listener(name, done, len(futures), name in cached)
+    for name in list(cached):  # a cache hit only counts if its shard still exists
+        if not _restage(results[name], plan, staging):
+            logger.warning("cached shard for %s is gone; recomputing it", name)
+            cached.discard(name)
+            results[name] = merge_layer.with_options(refresh_cache=True)(unit_id=name, job=jobs[name])
+    return [results[u.name] for u in plan.units], cached
+
+
+def _restage(result: dict, plan: Plan, staging: str) -> bool:
+    """The shard is in staging, or is copied back there from an identical published model."""
+    if storage.staged_shard(staging, result["filename"]):
+        return True
+    if not storage.is_complete(plan.output):
+        return False
+    published = storage.open_checkpoint(plan.output)
+    shards = json.loads(published.read_bytes(storage.SIDECAR_NAME)).get("shards", [])
+    if {"filename": result["filename"], "sha256": result["sha256"]} not in [
+        {"filename": s["filename"], "sha256": s["sha256"]} for s in shards
+    ]:
+        return False
+    copy_file(join(plan.output, result["filename"]), result["uri"])
+    return True
+
+
+def _shard_info(r: dict) -> storage.ShardInfo:
+    return storage.ShardInfo(r["filename"], r["uri"], r["size"], r["sha256"], tuple(r["tensors"]))
+
+
+def _sidecar(plan: Plan, results: list[dict]) -> dict:
+    return {
+        "recipe": recipe_summary(plan.recipe),
+        "recipe_text": plan.recipe.text,
+        "inputs": [
+            {"role": role, "uri": c.uri, "identity": c.identity, "files": {f: i.as_dict() for f, i in c.files.items()}}
+            for role, c in [("base", plan.base)] * bool(plan.base) + [("expert", e) for e in plan.experts]
+        ],
+        "shards": [{k: r[k] for k in ("filename", "sha256", "size", "unit")} for r in results],
+        "code_version": code_version(),
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def _start_run(catalog: Catalog, plan: Plan, trigger: str) -> str:
+    r = plan.recipe
+
+    def register(ckpt, kind: str) -> str:  # idempotent: a known (uri, identity) keeps its id and kind
+        return catalog.register_checkpoint(
+            ckpt.uri, kind=kind, name=_name_of(ckpt.uri), identity=ckpt.identity, model_type=ckpt.model_type,
+            param_count=ckpt.param_count, dtype=str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
+        )
+
+    base_id = register(plan.base, "base") if plan.base else None
+    inputs = [
+        {"checkpoint_id": register(e, "expert"), "weight": w, "parameters": m.parameters}
+        for e, w, m in zip(plan.experts, r.weights, r.models)
+    ]
+    return catalog.start_run(
+        recipe_name=r.name, method=r.method, parameters=r.parameters, recipe_text=r.text, base_id=base_id,
+        inputs=inputs, code_version=code_version(), flow_run_id=str(flow_run.id) if flow_run.id else None,
+        trigger=trigger,
+    )
+
+
+def _name_of(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
+def run_merge(
+    recipe: Recipe,
+    *,
+    runner: str = "threads",
+    address: str | None = None,
+    workers: int = 4,
+    catalog_path: str | None = None,
+    trigger: str = "manual",
+) -> dict:
+    """Run the merge flow with the chosen task runner (threads on this machine, or a Dask cluster)."""
+    if runner == "dask":
+        if not address:
+            raise ValueError("--runner dask needs --address tcp://HOST:PORT of a running Dask scheduler")
+        from prefect_dask import DaskTaskRunner
+
+        task_runner = DaskTaskRunner(address=address)
+    elif runner == "threads":
+        task_runner = ThreadPoolTaskRunner(max_workers=workers)
+    else:
+        raise ValueError(f"unknown runner {runner!r}; use 'threads' or 'dask'")
+    configured = merge_flow.with_options(task_runner=task_runner, flow_run_name=f"merge-{recipe.name}")
+    return configured(recipe.text, recipe.source, recipe.output, catalog_path, trigger)

@@ -1,0 +1,136 @@
+"""The plan: every input opened and validated from headers alone, tensors grouped into layer units.
+
+A unit is what one Prefect task merges and writes as one shard: all tensors under the first
+numbered module (`model.layers.7.*`, `transformer.h.7.*`), or, for tensors outside numbered
+blocks, their own module (`model.embed_tokens`, `model.norm`, `lm_head`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from storage import Checkpoint, CheckpointError, check_compatible, open_checkpoint, validate_output_uri
+
+from .recipe import Recipe
+
+
+class PlanError(ValueError):
+    """Inputs that cannot be merged; lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    shard: str
+    tensors: tuple[str, ...]
+    bytes_in: int
+    peak_bytes: int
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    output: str
+    base: Checkpoint | None
+    experts: list[Checkpoint]
+    units: list[Unit]
+    out_dtypes: dict[str, torch.dtype]
+    notes: list[str]
+    device: str
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base or self.experts[0]
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        return [*self.experts, *([self.base] if self.base else [])]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's output dtype for config.json: the recipe's, else the most common one."""
+        counts: dict[torch.dtype, int] = {}
+        for name, dt in self.out_dtypes.items():
+            counts[dt] = counts.get(dt, 0) + self.reference.tensors[name].numel
+        return max(counts, key=counts.get)
+
+    def specs(self, unit: Unit) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(n, self.out_dtypes[n], self.reference.tensors[n].shape) for n in unit.tensors]
+
+
+def unit_of(tensor_name: str) -> str:
+    parts = tensor_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or tensor_name
+
+
+def resolve_device(wanted: str) -> str:
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise PlanError("recipe asks for device: cuda but no CUDA device is available here")
+    return "cuda" if wanted in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    if not recipe.output:
+        raise PlanError(f"{recipe.source}: no output URI; set 'output:' in the recipe or pass --output")
+    output = validate_output_uri(recipe.output)
+    uris = ([recipe.base] if recipe.base else []) + recipe.inputs
+    opened, errors = _open_all(uris)
+    if errors:
+        raise PlanError("cannot read the inputs:\n  " + "\n  ".join(errors))
+    base = opened[recipe.base] if recipe.base else None
+    experts = [opened[u] for u in recipe.inputs]
+    try:
+        notes = check_compatible(([base] if base else []) + experts)
+    except CheckpointError as exc:
+        raise PlanError(str(exc)) from None
+    reference = base or experts[0]
+    out_dtypes = {
+        name: getattr(torch, recipe.out_dtype) if recipe.out_dtype else info.torch_dtype
+        for name, info in reference.tensors.items()
+    }
+    groups: dict[str, list[str]] = {}
+    for name in reference.tensors:
+        groups.setdefault(unit_of(name), []).append(name)
+    inputs = experts + ([base] if base else [])
+    units = []
+    for i, (unit_name, names) in enumerate(groups.items()):
+        bytes_in = sum(c.tensors[n].nbytes for c in inputs for n in names)
+        units.append(
+            Unit(
+                name=unit_name,
+                shard=f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors",
+                tensors=tuple(names),
+                bytes_in=bytes_in,
+                peak_bytes=_peak_bytes(names, inputs, out_dtypes),
+            )
+        )
+    return Plan(recipe, output, base, experts, units, out_dtypes, notes, resolve_device(recipe.device))
+
+
+def _open_all(uris: list[str]) -> tuple[dict[str, Checkpoint], list[str]]:
+    opened, errors = {}, []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = {u: pool.submit(open_checkpoint, u) for u in dict.fromkeys(uris)}
+    for uri, fut in futures.items():
+        try:
+            opened[uri] = fut.result()
+        except (CheckpointError, FileNotFoundError) as exc:
+            errors.append(f"{uri}: {exc}")
+    return opened, errors
+
+
+def _peak_bytes(names: list[str], inputs: list[Checkpoint], out_dtypes) -> int:
+    """Largest tensor's inputs + output + float32 working set, plus the next tensor prefetched."""
+    per_tensor = []
+    for n in names:
+        info = inputs[0].tensors[n]
+        inputs_bytes = sum(c.tensors[n].nbytes for c in inputs)
+        out_bytes = info.numel * out_dtypes[n].itemsize
+        per_tensor.append((inputs_bytes, inputs_bytes + out_bytes + 8 * info.numel))
+    return max(p for _, p in per_tensor) + max(i for i, _ in per_tensor)

@@ -1,0 +1,210 @@
+"""The merge flow end to end: real Prefect API, real S3 endpoint over HTTP, real DuckDB file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import storage
+from flows.cli import main as cli
+from flows.merge_flow import run_merge
+from flows.recipe import load_recipe, parse_recipe
+from merge_ops import merge_tensors
+from storage.catalog import Catalog
+from tests.factory import download_dir, tiny_llama_zoo, upload_dir
+
+MERGEKIT_TIES = """\
+# a mergekit config, unchanged
+models:
+  - model: {base}
+    # no parameters necessary for base model
+  - model: {e0}
+    parameters:
+      density: 0.4
+      weight: 1.0
+  - model: {e1}
+    parameters:
+      density: 0.6
+      weight: 0.5
+  - model: {e2}
+    parameters:
+      density: 0.4
+      weight: 0.7
+merge_method: ties
+base_model: {base}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: bfloat16
+"""
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    return tiny_llama_zoo(root, n_experts=3, layers=3)
+
+
+@pytest.fixture
+def s3_zoo(zoo, bucket, s3_env):
+    base, experts = zoo
+    return upload_dir(base, bucket, "zoo/base", s3_env), [
+        upload_dir(e, bucket, f"zoo/experts/{e.name}", s3_env) for e in experts
+    ]
+
+
+def write_recipe(path: Path, base: str, experts: list[str], text: str = MERGEKIT_TIES) -> Path:
+    path.write_text(text.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2]))
+    return path
+
+
+def expected_merge(zoo, recipe_text: str) -> dict[str, torch.Tensor]:
+    """merge_ops applied directly to the same tensors, loaded independently with safetensors."""
+    base_dir, expert_dirs = zoo
+    r = parse_recipe(recipe_text.format(base="b", e0="x0", e1="x1", e2="x2"))
+    base = load_file(base_dir / "model.safetensors")
+    experts = [load_file(d / "model.safetensors") for d in expert_dirs]
+    return {
+        name: merge_tensors(r.method, [e[name] for e in experts], base[name], weights=list(r.weights),
+                            seed=r.seed, name=name, out_dtype=getattr(torch, r.out_dtype), **r.parameters)
+        for name in base
+    }
+
+
+def load_output(uri: str, tmp: Path, endpoint: str | None) -> tuple[dict[str, torch.Tensor], Path]:
+    local = download_dir(uri, tmp, endpoint) if uri.startswith("s3://") else Path(uri)
+    tensors = {}
+    for shard in sorted(local.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors, local
+
+
+def assert_same(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_s3_merge_equals_merge_ops_loads_and_is_recorded(prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path):
+    base, experts = s3_zoo
+    recipe = write_recipe(tmp_path / "ties.yaml", base, experts)
+    catalog = tmp_path / "catalog.duckdb"
+    out = f"s3://{bucket}/merged/ties-v1"
+    assert cli(["merge", str(recipe), "--output", out, "--catalog", str(catalog)]) == 0
+
+    assert storage.is_complete(out)
+    got, local = load_output(out, tmp_path / "out", s3_env)
+    assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+    model = AutoModelForCausalLM.from_pretrained(local)
+    assert model.config.num_hidden_layers == 3
+    assert len(list(local.glob("model-*.safetensors"))) == 3 + 3  # 3 layers + embed, norm, lm_head
+
+    cat = Catalog(catalog)
+    [run] = cat.runs()
+    assert run["status"] == "succeeded" and run["method"] == "ties"
+    lineage = cat.lineage(out)
+    assert str(lineage).count("expert-") >= 3
+
+
+def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
+    base, experts = zoo
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]),
+                         output=str(tmp_path / "merged"))
+    first = run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
+    assert first["cached"] == [] and len(first["computed"]) == first["units"] == 6
+    before, _ = load_output(first["output"], tmp_path, None)
+    second = run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
+    assert second["computed"] == [] and len(second["cached"]) == 6
+    after, _ = load_output(second["output"], tmp_path, None)
+    assert_same(after, before)
+    assert_same(after, expected_merge(zoo, MERGEKIT_TIES))
+
+
+def test_killed_run_resumes_only_unfinished_units(prefect_api, tmp_path):
+    base, experts = tiny_llama_zoo(tmp_path / "zoo", n_experts=3, layers=12, hidden=128)
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    output = tmp_path / "merged"
+    staging = Path(storage.staging_uri(str(output)))
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH
+
+    # the same API and result store as this process, as a second machine or a restarted worker would
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(),
+               PREFECT_LOCAL_STORAGE_PATH=str(PREFECT_LOCAL_STORAGE_PATH.value()))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "merge", str(recipe), "--output", str(output),
+         "--catalog", str(tmp_path / "c.duckdb"), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(staging.glob("model-*.safetensors"))) < 4:
+        assert proc.poll() is None, "the merge finished before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not storage.is_complete(str(output))
+
+    summary = run_merge(load_recipe(recipe, output=str(output)), catalog_path=str(tmp_path / "c.duckdb"))
+    assert 0 < len(summary["cached"]) < summary["units"] == 15
+    assert len(summary["computed"]) == summary["units"] - len(summary["cached"])
+    got, _ = load_output(str(output), tmp_path, None)
+    assert_same(got, expected_merge((base, experts), MERGEKIT_TIES))
+
+
+def test_s3_faults_are_retried_with_identical_output(prefect_api, zoo, s3_zoo, s3_faults, bucket, tmp_path):
+    base, experts = s3_zoo
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, experts), output=f"s3://{bucket}/merged/faulty")
+    summary = run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
+    assert s3_faults.injected > 0
+    got, _ = load_output(summary["output"], tmp_path / "out", os.environ["AWS_ENDPOINT_URL"])
+    assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+
+
+def test_dask_cluster_gives_identical_output(prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path):
+    from distributed import LocalCluster
+
+    base, experts = s3_zoo
+    text = MERGEKIT_TIES.replace("merge_method: ties", "merge_method: dare_ties")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, experts, text), output=f"s3://{bucket}/merged/dask")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        summary = run_merge(recipe, runner="dask", address=cluster.scheduler_address,
+                            catalog_path=str(tmp_path / "c.duckdb"))
+    got, _ = load_output(summary["output"], tmp_path / "out", s3_env)
+    assert_same(got, expected_merge(zoo, text))
+
+
+def test_invalid_inputs_fail_before_any_task(prefect_api, zoo, tmp_path, capsys):
+    base, experts = zoo
+    other, _ = tiny_llama_zoo(tmp_path / "other", n_experts=0, layers=2)  # one layer fewer
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(experts[0]), str(other), str(experts[2])])
+    output = tmp_path / "merged"
+    assert cli(["merge", str(recipe), "--output", str(output), "--catalog", str(tmp_path / "c.duckdb")]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.2" in err and "Traceback" not in err
+    assert not output.exists() and not Path(storage.staging_uri(str(output))).exists()
+
+    assert cli(["plan", str(recipe), "--output", str(output)]) == 2
+    assert "model.layers.2" in capsys.readouterr().err
+
+
+def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
+    import json
+
+    base, experts = zoo
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    assert cli(["plan", str(recipe), "--output", str(tmp_path / "m"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert sorted(u["name"] for u in plan["units"]) == sorted([
+        "model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.norm", "lm_head",
+    ])
+    assert sum(u["tensors"] for u in plan["units"]) == len(load_file(base / "model.safetensors"))
+    assert not (tmp_path / "m").exists()
