@@ -96,12 +96,8 @@ class Catalog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif self._schema_version() == schema.LATEST:
             return
-        with db.locked(self.path, exclusive=True, timeout=self.timeout):
-            con = db.connect(self.path, read_only=False, timeout=self.timeout)
-            try:
-                schema.migrate(con, self.path)
-            finally:
-                con.close()
+        with db.session(self.path, read_only=False, timeout=self.timeout) as con:
+            schema.migrate(con, self.path)
 
     def __repr__(self) -> str:
         return f"Catalog({str(self.path)!r})"
@@ -112,31 +108,21 @@ class Catalog:
         with self._read() as con:
             return schema.current_version(con)
 
-    @contextlib.contextmanager
     def _read(self):
-        with db.locked(self.path, exclusive=False, timeout=self.timeout):
-            con = db.connect(self.path, read_only=True, timeout=self.timeout, config=db.READ_CONFIG)
-            try:
-                yield con
-            finally:
-                con.close()
+        return db.session(self.path, read_only=True, timeout=self.timeout)
 
     @contextlib.contextmanager
     def _write(self):
-        """One short transaction under the exclusive lock; the file is closed again afterwards."""
-        with db.locked(self.path, exclusive=True, timeout=self.timeout):
-            con = db.connect(self.path, read_only=False, timeout=self.timeout)
+        """One short transaction under the exclusive lock; the file is released again afterwards."""
+        with db.session(self.path, read_only=False, timeout=self.timeout) as con:
+            con.execute("BEGIN TRANSACTION")
             try:
-                con.execute("BEGIN TRANSACTION")
-                try:
-                    yield con
-                    con.execute("COMMIT")
-                except BaseException:
-                    with contextlib.suppress(duckdb.Error):
-                        con.execute("ROLLBACK")
-                    raise
-            finally:
-                con.close()
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
 
     def _find(self, con, ref: str) -> dict | None:
         ref = str(ref)
@@ -462,7 +448,7 @@ class Catalog:
 
     def sql(self, query: str) -> list[dict]:
         """Run SQL on a read-only connection with file access off: anything that writes is refused."""
-        with self._read() as con:
+        with db.sql_connection(self.path, timeout=self.timeout) as con:
             try:
                 return db.rows(con, query)
             except duckdb.Error as exc:
@@ -485,20 +471,15 @@ class Catalog:
             out = Path(dest).expanduser()
             out.mkdir(parents=True, exist_ok=True)
         try:
-            # Exclusive: this connection needs file access, a setting no other open connection may differ on.
-            with db.locked(self.path, exclusive=True, timeout=self.timeout):
-                con = db.connect(self.path, read_only=True, timeout=self.timeout)
-                try:
-                    tables = [r[0] for r in con.execute(
-                        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-                        "AND schema_name = 'main' ORDER BY table_name").fetchall()]
-                    files = []
-                    for table in tables:
-                        target = out / f"{table}.parquet"
-                        con.execute(f"""COPY "{table}" TO '{str(target).replace("'", "''")}' (FORMAT parquet)""")
-                        files.append(target)
-                finally:
-                    con.close()
+            with self._read() as con:
+                tables = [r[0] for r in con.execute(
+                    "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+                    "AND schema_name = 'main' ORDER BY table_name").fetchall()]
+                files = []
+                for table in tables:
+                    target = out / f"{table}.parquet"
+                    con.execute(f"""COPY "{table}" TO '{str(target).replace("'", "''")}' (FORMAT parquet)""")
+                    files.append(target)
             if not s3:
                 return [str(f) for f in files]
             keys = [f"{prefix.rstrip('/')}/{f.name}".lstrip("/") for f in files]

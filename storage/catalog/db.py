@@ -1,12 +1,17 @@
 """Opening the catalog file safely from many processes.
 
 DuckDB lets one process write a database file at a time, and a process that holds it open blocks
-every other. So nothing here keeps the file open: each operation takes an fcntl lock on a sidecar
-file (`<catalog>.lock`; shared for reads, exclusive for writes), opens a connection, runs one short
-transaction, and closes. A contended lock is waited for in the kernel (a blocking flock, so the
-waiter gets the lock as soon as the holder lets go, instead of polling and losing every race to a
-busy writer), up to `timeout`. A process outside mergeline holding the DuckDB file (the duckdb CLI,
-say) is retried with jittered backoff up to the same timeout.
+every other. So nothing here keeps the file open. Each operation:
+
+1. takes this process's thread lock (one attachment per process at a time),
+2. takes an fcntl lock on a sidecar file, `<catalog>.lock`: shared for reads, exclusive for writes.
+   A contended lock is waited for in the kernel (a blocking flock: the waiter gets it as soon as the
+   holder lets go, rather than polling and losing every race to a busy writer), up to `timeout`;
+3. ATTACHes the file to a long-lived in-memory DuckDB of this process, runs one short transaction,
+   and DETACHes it, which releases the file. Attaching costs a few milliseconds where starting a
+   DuckDB instance per operation costs tens;
+4. retries the ATTACH with jittered backoff, up to the same timeout, while a program that ignores
+   the lock file (the duckdb CLI, say) has the database open.
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ from pathlib import Path
 
 import duckdb
 
-# Every reader uses the same configuration: DuckDB refuses a second connection to a file open in
-# the same process with different settings. No file access either, so `sql` cannot write files.
-READ_CONFIG = {"enable_external_access": False}
+# `sql` runs user queries on a separate, hardened connection: read-only, and no file access, so
+# that COPY ... TO, ATTACH and friends cannot write anywhere either.
+SQL_CONFIG = {"enable_external_access": False}
+ALIAS = "mergeline_catalog"
+
+_engine_lock = threading.RLock()
+_engine: tuple[int, duckdb.DuckDBPyConnection] | None = None
+_abandoned: list = []  # engines inherited through fork: never touched (or closed) by the child
 
 
 class CatalogBusy(TimeoutError):
@@ -81,18 +91,75 @@ def _flock(fd: int, mode: int, timeout: float, message: str) -> None:
         raise failed[0]
 
 
-def connect(path: Path, *, read_only: bool, timeout: float, config: dict | None = None):
-    """duckdb.connect, retrying while a process that ignores our lock file has the database open."""
+def _after_fork_in_child() -> None:
+    """A forked child must not wait on a lock some parent thread held, nor share the parent's engine."""
+    global _engine, _engine_lock
+    _engine_lock = threading.RLock()
+    if _engine is not None:
+        _abandoned.append(_engine)
+        _engine = None
 
-    def attempt():
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _engine_connection() -> duckdb.DuckDBPyConnection:
+    global _engine
+    if _engine is None:
+        _engine = (os.getpid(), duckdb.connect(":memory:"))
+    return _engine[1]
+
+
+def _drop_engine() -> None:
+    global _engine
+    if _engine is not None:
+        with contextlib.suppress(duckdb.Error):
+            _engine[1].close()
+        _engine = None
+
+
+def _conflicts(fn):
+    """Turn DuckDB's 'file is locked by another process' into a retryable _Conflict."""
+    try:
+        return fn()
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise _Conflict(str(exc)) from exc
+        raise
+
+
+@contextlib.contextmanager
+def session(path: Path, *, read_only: bool, timeout: float):
+    """A connection with the catalog attached (and USEd) for the duration of one operation."""
+    with _engine_lock, locked(path, exclusive=not read_only, timeout=timeout):
+        con = _engine_connection()
+        target = str(path).replace("'", "''")
+        mode = " (READ_ONLY)" if read_only else ""
+        _retry(lambda: _conflicts(lambda: con.execute(f"ATTACH '{target}' AS {ALIAS}{mode}")), _Conflict,
+               timeout, f"catalog {path} is held open by another program")
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=config or {})
-        except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
-                raise _Conflict(str(exc)) from exc
-            raise
+            con.execute(f"USE {ALIAS}")
+            yield con
+        finally:
+            try:
+                con.execute("USE memory")
+                con.execute(f"DETACH {ALIAS}")
+            except duckdb.Error:  # leave nothing half-attached behind for the next operation
+                _drop_engine()
 
-    return _retry(attempt, _Conflict, timeout, f"catalog {path} is held open by another program")
+
+@contextlib.contextmanager
+def sql_connection(path: Path, *, timeout: float):
+    """A separate read-only connection without file access, for user-supplied SQL."""
+    with _engine_lock, locked(path, exclusive=False, timeout=timeout):
+        con = _retry(
+            lambda: _conflicts(lambda: duckdb.connect(str(path), read_only=True, config=SQL_CONFIG)),
+            _Conflict, timeout, f"catalog {path} is held open by another program",
+        )
+        try:
+            yield con
+        finally:
+            con.close()
 
 
 class _Conflict(Exception):
