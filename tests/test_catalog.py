@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 
 import boto3
 import duckdb
@@ -441,4 +442,27 @@ def test_cli_options_before_subcommand_and_env(zoo, capsys, monkeypatch, tmp_pat
 def test_times_are_utc_iso(zoo):
     cat, _ = zoo
     stamp = datetime.fromisoformat(cat.runs()[0]["started_at"])
-    assert abs((datetime.utcnow() - stamp).total_seconds()) < 600
+    assert abs((datetime.now(UTC).replace(tzinfo=None) - stamp).total_seconds()) < 600
+
+
+# -- docs -----------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "catalog.md"
+
+
+def test_docs_describe_every_column_and_their_queries_run(zoo):
+    cat, _ = zoo
+    text = DOCS.read_text()
+    columns = cat.sql("SELECT table_name, column_name FROM information_schema.columns "
+                      "WHERE table_catalog = current_database()")
+    assert {c["table_name"] for c in columns} >= set(TABLES) | {"producers", "model_edges", "latest_scores"}
+    missing = [f"{c['table_name']}.{c['column_name']}" for c in columns
+               if f"`{c['table_name']}`" not in text or f"`{c['column_name']}`" not in text]
+    assert missing == []
+    block = text.split("```sql", 1)[1].split("```", 1)[0]
+    queries = [q.strip() for q in block.split(";") if q.strip()]
+    assert len(queries) == 3
+    for q in queries:
+        cat.sql(q)
+    ancestors = cat.sql(queries[0].replace("'math-code' AND version = 3", "'m3' AND version = 1"))
+    assert {a["name"]: a["depth"] for a in ancestors}["expert-a"] == 2
