@@ -12,6 +12,7 @@ import pytest
 
 from flows.cli import main
 from storage.catalog import SCHEMA_VERSION, Catalog, CatalogError, default_catalog_path
+from storage.version import code_version
 
 
 def _reg(cat, name, kind, **kw):
@@ -202,7 +203,10 @@ def test_run_inputs_must_exist_and_vocabularies_are_checked(cat):
     a = _reg(cat, "a", "expert")
     with pytest.raises(CatalogError, match="no checkpoint 'ghost'"):
         _start(cat, "m", "linear", [a, "ghost"], [0.5, 0.5])
-    assert cat.runs() == []  # nothing half-written
+    assert cat.runs() == [] and cat.sql("SELECT * FROM run_inputs") == []  # nothing half-written
+    run = cat.start_run(recipe_name="m", method="linear", parameters={}, recipe_text="", base_id=None,
+                        inputs=[{"checkpoint_id": a}], flow_run_id=None)
+    assert cat.runs()[0]["code_version"] == code_version() and cat.runs()[0]["id"] == run
     with pytest.raises(CatalogError, match="trigger"):
         cat.start_run(recipe_name="m", method="linear", parameters={}, recipe_text="", base_id=None,
                       inputs=[{"checkpoint_id": a}], code_version="v", flow_run_id=None, trigger="cron")
@@ -244,6 +248,7 @@ def test_sql_refuses_writes(zoo, tmp_path):
             cat.sql(query)
     assert not target.exists()
     assert cat.sql("SELECT (SELECT count(*) FROM checkpoints) AS c, (SELECT count(*) FROM runs) AS r") == before
+    assert cat.sql("SELECT 1 AS id, 2 AS id") == [{"id": 1, "id_2": 2}]
     with pytest.raises(CatalogError, match="^sql: "):
         cat.sql("SELEC 1")
 

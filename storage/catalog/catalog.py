@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 
 from storage.catalog import db, schema
+from storage.version import code_version as current_code_version
 
 KINDS = ("base", "expert", "merged")
 STATUSES = ("running", "succeeded", "failed", "skipped")
@@ -86,7 +87,7 @@ class Catalog:
     """Handle on a catalog file; holds no connection, so it is cheap and safe to share across processes."""
 
     def __init__(self, path: str | Path | None = None, *, timeout: float = 30.0, create: bool = True):
-        self.path = Path(path).expanduser() if path else default_catalog_path()
+        self.path = (Path(path).expanduser() if path else default_catalog_path()).absolute()
         self.timeout = timeout
         if not self.path.exists():
             if not create:
@@ -183,9 +184,13 @@ class Catalog:
 
     def start_run(
         self, *, recipe_name: str, method: str, parameters: dict, recipe_text: str, base_id: str | None,
-        inputs: list[dict], code_version: str, flow_run_id: str | None, trigger: str = "manual",
+        inputs: list[dict], code_version: str | None = None, flow_run_id: str | None = None,
+        trigger: str = "manual",
     ) -> str:
-        """Open a merge run (status 'running'); inputs are [{'checkpoint_id', 'weight', 'parameters'}] in order."""
+        """Open a merge run (status 'running'); inputs are [{'checkpoint_id', 'weight', 'parameters'}] in order.
+
+        code_version defaults to this checkout's (storage.version.code_version()).
+        """
         _choice(trigger, TRIGGERS, "trigger")
         if not inputs:
             raise CatalogError("a merge run needs at least one input checkpoint")
@@ -202,7 +207,8 @@ class Catalog:
                 "code_version, flow_run_id, trigger, status, started_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
                 [run_id, recipe_name, method, _json(parameters or {}), recipe_text,
-                 hashlib.sha256(recipe_text.encode()).hexdigest(), base, code_version, flow_run_id, trigger,
+                 hashlib.sha256(recipe_text.encode()).hexdigest(), base, code_version or current_code_version(),
+                 flow_run_id, trigger,
                  _now()],
             )
             con.executemany("INSERT INTO run_inputs VALUES (?, ?, ?, ?, ?)", rows)
@@ -435,7 +441,7 @@ class Catalog:
                    b.name || '@v' || b.version AS base_label, b.uri AS base_uri, b.identity AS base_identity,
                    o.name || '@v' || o.version AS output_label, o.uri AS output_uri, o.identity AS output_identity
             FROM runs r LEFT JOIN checkpoints b ON b.id = r.base_id LEFT JOIN checkpoints o ON o.id = r.output_id
-            {where} ORDER BY r.started_at DESC, r.id DESC {'LIMIT ' + str(int(limit)) if limit else ''}""", params)
+            {where} ORDER BY r.started_at DESC, r.id DESC {'' if limit is None else f'LIMIT {int(limit)}'}""", params)
         inputs = db.rows(con, """
             SELECT i.run_id, i.position, i.checkpoint_id, c.name || '@v' || c.version AS label, c.uri, c.identity,
                    i.weight, i.parameters

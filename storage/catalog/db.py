@@ -184,7 +184,12 @@ def rows(con, query: str, params=None) -> list[dict]:
     result = con.execute(query, params or [])
     if result.description is None:
         return []
-    names = [d[0] for d in result.description]
+    names: list[str] = []
+    for d in result.description:  # `SELECT a.id, b.id` must not lose a column: id, id_2
+        name, n = d[0], 2
+        while name in names:
+            name, n = f"{d[0]}_{n}", n + 1
+        names.append(name)
     json_cols = {i for i, d in enumerate(result.description) if str(d[1]) == "JSON"}
     return [
         {n: (json.loads(v) if i in json_cols and v is not None else plain(v)) for i, (n, v) in enumerate(zip(names, r))}
