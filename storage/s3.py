@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import os
 import random
 import threading
 import time
 
 import boto3
+import botocore.exceptions
+import botocore.session
+import urllib3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -49,19 +53,42 @@ def client():
     return cached[key]
 
 
-_shared: dict[tuple, object] = {}
+_shared: dict[tuple, tuple[object, int]] = {}
 _shared_lock = threading.Lock()
+
+
+def _retries(profile: str | None) -> dict:
+    """botocore's retry settings as the user set them: env, else the profile, else standard x 8."""
+    try:
+        scoped = botocore.session.Session(profile=profile).get_scoped_config()
+    except botocore.exceptions.ProfileNotFound:
+        scoped = {}
+    return {
+        "mode": os.environ.get("AWS_RETRY_MODE") or scoped.get("retry_mode") or "standard",
+        "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or scoped.get("max_attempts") or 8),
+    }
+
+
+def _shared_entry() -> tuple[object, int]:
+    key = (os.environ.get("AWS_PROFILE"), os.environ.get("AWS_ENDPOINT_URL"), os.getpid(),
+           os.environ.get("AWS_RETRY_MODE"), os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_CONFIG_FILE"))
+    with _shared_lock:
+        if key not in _shared:
+            retries = _retries(key[0])
+            config = Config(retries=retries, max_pool_connections=64)
+            _shared[key] = (_session_for(*key[:3]).client("s3", config=config), retries["total_max_attempts"])
+        return _shared[key]
 
 
 def shared_client():
     """One S3 client per process and configuration, shared by all threads (boto3 clients are
     thread-safe): a pool of 16 I/O threads then costs one client and one connection pool, not 16."""
-    key = (os.environ.get("AWS_PROFILE"), os.environ.get("AWS_ENDPOINT_URL"), os.getpid(),
-           os.environ.get("AWS_RETRY_MODE"), os.environ.get("AWS_MAX_ATTEMPTS"))
-    with _shared_lock:
-        if key not in _shared:
-            _shared[key] = _session_for(*key[:3]).client("s3", config=client_config(max_pool_connections=64))
-        return _shared[key]
+    return _shared_entry()[0]
+
+
+def max_attempts() -> int:
+    """The attempts botocore makes; storage's own retries of broken bodies use the same number."""
+    return _shared_entry()[1]
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -78,10 +105,6 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 # Errors that are the caller's input (wrong bucket/key/permissions), never worth a retry.
 _INPUT_CODES = {"NoSuchKey", "NoSuchBucket", "404", "NotFound", "AccessDenied", "403", "InvalidBucketName"}
-
-
-def max_attempts() -> int:
-    return int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
 
 
 def transfer_config() -> TransferConfig:
@@ -147,6 +170,10 @@ class _BodyProblem(Exception):
     pass
 
 
+# What a body that breaks off mid-stream raises, depending on where the break is noticed.
+_BODY_ERRORS = (_BodyProblem, BotoCoreError, OSError, urllib3.exceptions.HTTPError, http.client.HTTPException)
+
+
 def _fill(body, out: memoryview) -> None:
     pos = 0
     for chunk in body.iter_chunks(1 << 20):
@@ -158,17 +185,27 @@ def _fill(body, out: memoryview) -> None:
         raise _BodyProblem(f"body had {pos} of {len(out)} bytes requested")
 
 
+def range_part_bytes() -> int:
+    return max(1, int(float(os.environ.get("MERGELINE_RANGE_PART_MB", "64")) * 1024 * 1024))
+
+
 def get_range_into(bucket: str, key: str, start: int, out: memoryview, *,
                    etag: str | None = None, version_id: str | None = None) -> None:
     """Fill `out` with bytes [start, start+len(out)) of the object, or raise.
 
-    botocore retries the request itself; a body that breaks off or is shorter than the range
-    arrives after botocore is done, so it is retried here, never returned as data. The read is
-    pinned to the version (or ETag) recorded when the file was opened.
+    Large ranges go as parts of MERGELINE_RANGE_PART_MB (default 64), so a failure late in a
+    multi-GB tensor costs one part, not the whole tensor.
     """
+    part = range_part_bytes()
+    for offset in range(0, len(out), part):
+        _get_part(bucket, key, start + offset, out[offset : offset + part], etag, version_id)
+
+
+def _get_part(bucket: str, key: str, start: int, out: memoryview, etag: str | None, version_id: str | None) -> None:
+    """botocore retries the request itself; a body that breaks off or is shorter than the range
+    arrives after botocore is done, so it is retried here, never returned as data. The read is
+    pinned to the version (or ETag) recorded when the file was opened."""
     n = len(out)
-    if n == 0:
-        return
     uri = f"s3://{bucket}/{key}"
     kwargs = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{start + n - 1}"}
     if version_id:
@@ -184,11 +221,7 @@ def get_range_into(bucket: str, key: str, start: int, out: memoryview, *,
         try:
             _fill(body, out)
             return
-        except (_BodyProblem, BotoCoreError, OSError) as e:  # urllib3/http.client errors are OSErrors or wrapped
-            problem = str(e) or type(e).__name__
-        except Exception as e:  # urllib3.ProtocolError is not an OSError
-            if type(e).__module__.split(".")[0] not in ("urllib3", "http"):
-                raise
+        except _BODY_ERRORS as e:
             problem = str(e) or type(e).__name__
         finally:
             body.close()

@@ -59,24 +59,32 @@ def prefect_api(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="session")
+def _s3_fault_proxy(s3_server):
+    """One proxy server per session (a stable endpoint lets boto3 clients be reused across tests)."""
+    from s3_faults import FaultProxy
+
+    proxy = FaultProxy(s3_server).start()
+    yield proxy
+    proxy.stop()
+
+
 @pytest.fixture
-def s3_faults(s3_env, s3_server, monkeypatch, request):
+def s3_faults(s3_env, _s3_fault_proxy, monkeypatch, request):
     """A fault-injecting HTTP proxy (tests/s3_faults.py) between boto3 and the test S3 endpoint.
 
     AWS_ENDPOINT_URL points at the proxy for the test. Default: 20% of requests fail (500, 503,
     connection reset, truncated or short bodies), seed 0. Parametrise with indirect=True and a
-    fraction or a dict of FaultProxy arguments, or call .configure() / use .paused() in the test.
+    fraction or a dict of FaultProxy.reset arguments, or call .configure() / use .paused() in the test.
     """
-    from s3_faults import FaultProxy
-
     param = getattr(request, "param", None)
     kwargs = {"fraction": 0.2, **(param if isinstance(param, dict) else {} if param is None else {"fraction": param})}
-    proxy = FaultProxy(s3_server, **kwargs).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    _s3_fault_proxy.reset(**kwargs)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", _s3_fault_proxy.endpoint)
     try:
-        yield proxy
+        yield _s3_fault_proxy
     finally:
-        proxy.stop()
+        _s3_fault_proxy.reset()
 
 
 @pytest.fixture(scope="session")
@@ -113,11 +121,21 @@ def put_s3_dir(s3_server):
     """put_s3_dir(local_dir, bucket, prefix) -> 's3://bucket/prefix': uploads straight to the test
     endpoint with plain boto3 (never through a fault proxy), for test setup."""
 
+    client = _raw_s3_client(s3_server)
+
     def put(local, bucket_name: str, prefix: str) -> str:
-        client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key="testing")
         for f in sorted(p for p in local.iterdir() if p.is_file()):
             client.upload_file(str(f), bucket_name, f"{prefix}/{f.name}")
         return f"s3://{bucket_name}/{prefix}"
 
     return put
+
+
+_RAW_S3_CLIENTS: dict = {}
+
+
+def _raw_s3_client(endpoint: str):
+    if endpoint not in _RAW_S3_CLIENTS:
+        _RAW_S3_CLIENTS[endpoint] = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                                 aws_access_key_id="testing", aws_secret_access_key="testing")
+    return _RAW_S3_CLIENTS[endpoint]

@@ -92,6 +92,17 @@ class FaultProxy:
             if latency_s is not None:
                 self.latency_s = latency_s
 
+    def reset(self, *, fraction: float = 0.0, seed: int = 0, kinds: tuple[str, ...] = DEFAULT_KINDS,
+              max_faults_per_request: int = 2, latency_s: float = 0.0) -> None:
+        """Fresh settings, log and counters: a reused proxy then decides exactly as a new one would."""
+        with self._lock:
+            self.log.clear()
+            self._seen.clear()
+            self._streak.clear()
+            self._paused = 0
+        self.configure(fraction=fraction, seed=seed, kinds=kinds, max_faults_per_request=max_faults_per_request,
+                       latency_s=latency_s)
+
     @contextmanager
     def paused(self):
         """No faults inside the block (for test setup through the proxy)."""

@@ -176,3 +176,36 @@ def test_profiles_and_endpoint_from_aws_config(tiny_llamas, bucket, put_s3_dir, 
     want = load_file(tiny_llamas["single"] / "model.safetensors")
     assert torch.equal(ck.read_tensor("model.norm.weight"), want["model.norm.weight"])
     assert storage.is_complete(uri) is False  # a plain HF checkpoint has no marker
+
+
+@pytest.mark.parametrize("s3_faults", [{"fraction": 0.3, "seed": 11}], indirect=True)
+def test_large_ranges_are_read_in_parts(tiny_llamas, bucket, put_s3_dir, s3_faults, monkeypatch):
+    uri = put_s3_dir(tiny_llamas["single"], bucket, "m")
+    ck = open_checkpoint(uri)
+    monkeypatch.setenv("MERGELINE_RANGE_PART_MB", str(1000 / 2**20))  # 1000-byte parts
+    name = "model.embed_tokens.weight"
+    info = ck.tensors[name]
+    s3_faults.clear_log()
+    got = ck.read_tensor(name)
+    assert torch.equal(got, load_file(tiny_llamas["single"] / "model.safetensors")[name])
+    ranges = {r.range for r in s3_faults.requests("GET")}
+    assert len(ranges) == -(-info.nbytes // 1000)
+    assert f"bytes={info.start}-{info.start + 999}" in ranges and f"bytes={info.start + 1000}-{info.start + 1999}" in ranges
+
+
+@pytest.mark.parametrize("s3_faults", [NO_FAULTS], indirect=True)
+def test_retry_settings_from_the_profile(tiny_llamas, bucket, put_s3_dir, s3_faults, tmp_path, monkeypatch):
+    uri = put_s3_dir(tiny_llamas["single"], bucket, "m")
+    (tmp_path / "config").write_text(f"[profile flaky]\nregion = us-east-1\nendpoint_url = {s3_faults.endpoint}\n"
+                                     "retry_mode = standard\nmax_attempts = 2\n"
+                                     "aws_access_key_id = a\naws_secret_access_key = b\n")
+    for var in ("AWS_ENDPOINT_URL", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "flaky")
+    ck = open_checkpoint(uri)
+    s3_faults.configure(fraction=1.0, kinds=("500",), max_faults_per_request=1000)
+    s3_faults.clear_log()
+    with pytest.raises(StorageError, match="InternalError"):
+        ck.read_tensor("lm_head.weight")
+    assert len(s3_faults.requests("GET")) == 2
