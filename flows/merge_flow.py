@@ -173,7 +173,7 @@ def _start_run(catalog: Catalog, plan: Plan, trigger: str) -> str:
     def register(ckpt, kind: str) -> str:  # idempotent: a known (uri, identity) keeps its id and kind
         return catalog.register_checkpoint(
             ckpt.uri, kind=kind, name=_name_of(ckpt.uri), identity=ckpt.identity, model_type=ckpt.model_type,
-            param_count=ckpt.param_count, dtype=str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")),
+            param_count=ckpt.param_count, dtype=ckpt.config.get("torch_dtype") or ckpt.config.get("dtype"),
         )
 
     base_id = register(plan.base, "base") if plan.base else None
