@@ -8,6 +8,7 @@ under a reader is a miss. Eviction is least-recently-used (by mtime, bumped on e
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -69,9 +70,10 @@ class ReadCache:
             with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size != len(out) or f.readinto(out) != len(out):
                     return False
-            os.utime(path)  # LRU: a hit makes the entry young again
         except FileNotFoundError:
             return False
+        with contextlib.suppress(OSError):  # evicted meanwhile: the data read is still good
+            os.utime(path)  # LRU: a hit makes the entry young again
         self.stats.add(hits=1, bytes_from_cache=len(out))
         return True
 

@@ -111,7 +111,10 @@ class ShardWriter:
                 raise ValueError(f"{filename}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
             if any(d < 0 for d in shape):
                 raise ValueError(f"{filename}: tensor {name!r} has negative shape {shape}")
-        self._header, self._sizes = build_header(self.specs, {"format": "pt", **(metadata or {})})
+        metadata = {"format": "pt", **(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"{filename}: safetensors metadata must map strings to strings")
+        self._header, self._sizes = build_header(self.specs, metadata)
         self.uri = join(self.staging, filename)
         self.result: ShardInfo | None = None
         self._file = None
@@ -154,7 +157,8 @@ class ShardWriter:
             take = got[0]
         else:
             raise ValueError(f"{self.filename}: {name!r} has shape {shape}; got {got} after {self._rows} rows")
-        self._emit(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        self._emit(data.reshape(-1).view(torch.uint8).numpy())
         self._rows += take
         if self._rows == n_rows:
             self._next, self._rows = self._next + 1, 0
@@ -172,13 +176,18 @@ class ShardWriter:
             size = os.path.getsize(self._tmp)
             if size != len(self._header) + sum(self._sizes):
                 raise StorageError(f"{self._tmp}: wrote {size} bytes, expected {len(self._header) + sum(self._sizes)}")
+            result = ShardInfo(self.filename, self.uri, size, self._hash.hexdigest(),
+                               tuple(name for name, _, _ in self.specs))
             if is_s3(self.uri):
                 s3.upload_file(self._tmp, *s3.split_s3_uri(self.uri))
             else:
                 os.replace(self._tmp, self.uri)
-            self.result = ShardInfo(self.filename, self.uri, size, self._hash.hexdigest(),
-                                    tuple(name for name, _, _ in self.specs))
-            put_bytes(self.uri + _SHARD_INFO_SUFFIX, json.dumps(dataclasses.asdict(self.result)).encode())
+            try:  # the record staged_shard finds after a restart
+                put_bytes(self.uri + _SHARD_INFO_SUFFIX, json.dumps(dataclasses.asdict(result)).encode())
+            except BaseException:
+                delete(self.uri)
+                raise
+            self.result = result
         finally:
             f.close()
             with_missing_ok(os.remove, self._tmp)
