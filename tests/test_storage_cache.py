@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -93,11 +94,31 @@ def test_cache_stays_within_its_bound(tiny_llamas, bucket, put_s3_dir, s3_faults
     assert cache.size_bytes() <= limit and cache.stats.evictions > 0
     want = load_file(local / "model.safetensors")
     assert all(torch.equal(got[n], want[n]) for n in want)
-    # the most recently used entries survived
+
+
+@pytest.mark.parametrize("s3_faults", [NO_FAULTS], indirect=True)
+def test_eviction_is_least_recently_used(tiny_llamas, bucket, put_s3_dir, s3_faults, tmp_path):
+    uri = put_s3_dir(tiny_llamas["single"], bucket, "m")
+    ck = open_checkpoint(uri)  # headers without the cache, so only the reads below are entries
+    ck.cache = cache = ReadCache(tmp_path / "cache", 10_000)  # evicts down to 9000 bytes
+    small, embed, head = "model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"  # 64 B; 4096 B per 64 rows
+
+    def step(name, rows=None):
+        time.sleep(0.03)  # file mtimes are coarse: keep the order unambiguous
+        ck.read_tensor(name, rows)
+
+    step(small)                # created first ...
+    step(embed, (0, 64))
+    step(small)                # ... but used again: a hit makes it young
+    step(embed, (64, 128))
+    assert cache.stats.evictions == 0 and cache.stats.hits == 1
+    step(head, (0, 64))        # 12352 bytes > 10000: evict the least recently used
+    assert cache.stats.evictions == 1
     s3_faults.clear_log()
-    last = list(ck.tensors)[-1]
-    ck.read_tensor(last)
-    assert object_gets(s3_faults) == []
+    ck.read_tensor(small)
+    assert object_gets(s3_faults) == []  # kept (first in, but recently used)
+    ck.read_tensor(embed, (0, 64))
+    assert len(object_gets(s3_faults)) == 1  # evicted
 
 
 @pytest.mark.parametrize("s3_faults", [NO_FAULTS], indirect=True)
