@@ -16,10 +16,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned expert checkpoints (local or S3) into one model, with provenance.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from flows import catalog_cli, merge_cli
+    from flows import catalog_cli, merge_cli, serve
 
     merge_cli.add_parser(sub)
     catalog_cli.add_parser(sub)
+    serve.add_parser(sub)  # serve, watch, nightly
     return parser
 
 

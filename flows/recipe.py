@@ -134,9 +134,7 @@ def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = No
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise fail(f"'seed' must be an integer, got {seed!r}")
-    models_from = data.get("models_from")
-    if models_from is not None and not (isinstance(models_from, dict) and "uri" in models_from):
-        raise fail("'models_from' must be a mapping with at least 'uri' (and optional 'pattern', 'tags')")
+    models_from = _models_from(data, models, fail)
     name = data.get("name") or Path(source).stem
     return Recipe(
         name=str(name), method=method_name, base=base, models=tuple(models), parameters=params,
@@ -164,6 +162,40 @@ def _models(data: dict, fail) -> list[ModelEntry]:
         _no_filters(params, f"models[{i}].parameters", fail)
         out.append(ModelEntry(entry["model"], dict(params)))
     return out
+
+
+MODELS_FROM_KEYS = {"uri", "pattern", "tags", "latest"}
+
+
+def _models_from(data: dict, models: list[ModelEntry], fail) -> dict | None:
+    """Validate a dynamic selection; returns it normalised ({uri, pattern, tags, latest}) or None.
+
+    `uri` is the experts prefix, `pattern` a glob on expert names (default '*'), `tags` the tags an
+    expert's completion marker must all carry, `latest` (only true) the current version of each.
+    """
+    raw = data.get("models_from")
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"uri": raw}
+    if not isinstance(raw, dict) or not isinstance(raw.get("uri"), str) or not raw["uri"].strip():
+        raise fail("'models_from' must be a prefix URI or a mapping with 'uri' (and optional 'pattern', 'tags')")
+    extra = set(raw) - MODELS_FROM_KEYS
+    if extra:
+        raise fail(f"models_from has unknown keys {sorted(extra)}; allowed: {', '.join(sorted(MODELS_FROM_KEYS))}")
+    if models:
+        raise fail("give either 'models' (a fixed list) or 'models_from' (a selection), not both")
+    pattern = raw.get("pattern", "*")
+    if not isinstance(pattern, str) or not pattern:
+        raise fail("models_from.pattern must be a glob on expert names, e.g. 'math-*'")
+    tags = raw.get("tags") or []
+    tags = [tags] if isinstance(tags, str) else tags
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise fail("models_from.tags must be a tag or a list of tags")
+    if raw.get("latest", True) is not True:
+        raise fail("models_from.latest can only be true: a selection merges the current version of each expert; "
+                   "list experts under 'models' to pin them")
+    return {"uri": raw["uri"].strip(), "pattern": pattern, "tags": sorted(set(tags)), "latest": True}
 
 
 def _no_filters(params: dict, where: str, fail) -> None:

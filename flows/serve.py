@@ -1,0 +1,257 @@
+"""`mergeline serve` (the deployments, served in this process), `mergeline watch` and `mergeline nightly`.
+
+`serve` is the one-machine install: the same deployments as infra/prefect.yaml (merge, watcher,
+nightly, evaluate), with their schedules, run by this process through `prefect.serve` — no work
+pool, no worker. Schedules need a Prefect server (Prefect's ephemeral API has no scheduler):
+point PREFECT_API_URL at one, or pass --start-server to run `prefect server start` alongside.
+`watch` and `nightly` run one scan / one nightly merge now, in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import timedelta
+
+WATCH_EVERY_S = 60
+NIGHTLY_CRON = "0 2 * * *"                # UTC
+MERGE_DEPLOYMENT = "merge/merge"          # "<flow name>/<deployment name>", as in infra/prefect.yaml
+EVALUATE_ENTRYPOINT = "flows.evaluate_flow:evaluate_flow"
+
+SERVE_EXAMPLE = """examples:
+  mergeline serve --recipes recipes/ --start-server
+  PREFECT_API_URL=http://127.0.0.1:4200/api mergeline serve --recipes s3://models/recipes/ \\
+      --experts s3://models/experts/ --watch-every 30
+  mergeline serve --recipes recipes/ --dry-run      # show the deployments and exit
+
+Deployments: merge (run by the watcher), watcher (every --watch-every seconds), nightly
+(--nightly-cron, UTC), evaluate (when flows/evaluate_flow.py exists)."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipes", action="append", required=True, metavar="PATH|URI",
+                   help="recipe file, directory or S3 prefix of recipe YAML (repeatable)")
+    p.add_argument("--catalog", metavar="PATH", help="catalog DuckDB file (default: $MERGELINE_CATALOG or the user data dir)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="run the watcher, nightly and merge deployments in this process (one-machine install)",
+        description="Serve mergeline's deployments from this process with prefect.serve: the watcher on an "
+        "interval, the nightly merge on a cron schedule (UTC), the merge deployment the watcher triggers, "
+        "and evaluate. Needs a Prefect server (PREFECT_API_URL) or --start-server.",
+        epilog=SERVE_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    p.add_argument("--experts", action="append", metavar="PREFIX",
+                   help="experts prefix to watch (repeatable; the recipes' models_from prefixes are always watched)")
+    p.add_argument("--watch-every", type=float, default=WATCH_EVERY_S, metavar="SECONDS",
+                   help=f"seconds between watcher scans (default: {WATCH_EVERY_S})")
+    p.add_argument("--nightly-cron", default=NIGHTLY_CRON, metavar="CRON",
+                   help=f"nightly merge schedule, UTC (default: '{NIGHTLY_CRON}')")
+    p.add_argument("--merge-in-process", action="store_true",
+                   help="the watcher merges inside its own run instead of starting runs of the merge deployment")
+    p.add_argument("--limit", type=int, default=2, metavar="N", help="flow runs at once (default: 2)")
+    p.add_argument("--start-server", action="store_true",
+                   help="start `prefect server start` on 127.0.0.1 for as long as this runs")
+    p.add_argument("--port", type=int, default=4200, help="port for --start-server (default: 4200)")
+    p.add_argument("--dry-run", action="store_true", help="print the deployments as JSON and exit")
+    p.set_defaults(run=_serve)
+
+    p = sub.add_parser("watch", help="scan the experts prefixes once now; merge recipes that select new experts",
+                       description="One run of the watcher flow in this process (merges run here too).")
+    _common(p)
+    p.add_argument("--experts", action="append", metavar="PREFIX", help="experts prefix to watch (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the scan summary as JSON")
+    p.set_defaults(run=_watch)
+
+    p = sub.add_parser("nightly", help="run the nightly merge now: merge each recipe whose inputs changed",
+                       description="One run of the nightly flow in this process; unchanged recipes are recorded "
+                       "as skipped runs.")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=_nightly)
+
+
+def build_deployments(
+    recipes: list[str],
+    *,
+    experts: list[str] | None = None,
+    catalog_path: str | None = None,
+    watch_every: float = WATCH_EVERY_S,
+    nightly_cron: str = NIGHTLY_CRON,
+    merge_in_process: bool = False,
+) -> list:
+    """The RunnerDeployments `serve` runs (names and schedules as in infra/prefect.yaml)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron, Interval
+
+    from .merge_flow import merge_flow
+    from .nightly import nightly_merge
+    from .watcher import watch_experts
+
+    module = EntrypointType.MODULE_PATH  # importable wherever mergeline is installed, whatever the cwd
+    one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    deployments = [
+        merge_flow.to_deployment(
+            "merge", entrypoint_type=module, tags=["mergeline"],
+            description="Merge one recipe (YAML text); started by the watcher with run_deployment.",
+        ),
+        watch_experts.to_deployment(
+            "watcher", entrypoint_type=module, tags=["mergeline"], concurrency_limit=one_at_a_time,
+            schedules=[Interval(timedelta(seconds=watch_every))],
+            parameters={"recipes": recipes, "experts": experts or [], "catalog_path": catalog_path,
+                        "merge_deployment": None if merge_in_process else MERGE_DEPLOYMENT},
+            description="Register newly landed experts, emit mergeline.expert.landed, merge the recipes selecting them.",
+        ),
+        nightly_merge.to_deployment(
+            "nightly", entrypoint_type=module, tags=["mergeline"], concurrency_limit=one_at_a_time,
+            schedules=[Cron(nightly_cron, timezone="UTC")],
+            parameters={"recipes": recipes, "catalog_path": catalog_path},
+            description="Merge every recipe over the current experts; unchanged inputs are recorded as skipped.",
+        ),
+    ]
+    evaluate = load_evaluate_flow()
+    if evaluate is not None:
+        deployments.append(evaluate.to_deployment(
+            "evaluate", entrypoint_type=module, tags=["mergeline"], description="Evaluate a model on its suites."))
+    return deployments
+
+
+def load_evaluate_flow():
+    """flows.evaluate_flow.evaluate_flow, or None while that module does not exist."""
+    import importlib
+
+    module, _, name = EVALUATE_ENTRYPOINT.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        return None
+
+
+def describe(deployments: list) -> list[dict]:
+    out = []
+    for d in deployments:
+        out.append({
+            "name": f"{d.flow_name}/{d.name}", "entrypoint": d.entrypoint,
+            "schedules": [json.loads(s.schedule.model_dump_json()) for s in d.schedules or []],
+            "parameters": d.parameters,
+        })
+    return out
+
+
+def _absolute(location: str) -> str:
+    """Local paths made absolute: served runs start in their own processes."""
+    return location if "://" in location else os.path.abspath(os.path.expanduser(location))
+
+
+def _serve(args) -> int:
+    deployments = build_deployments(
+        [_absolute(r) for r in args.recipes], experts=[_absolute(e) for e in args.experts or []],
+        catalog_path=_absolute(args.catalog) if args.catalog else None, watch_every=args.watch_every,
+        nightly_cron=args.nightly_cron, merge_in_process=args.merge_in_process,
+    )
+    if args.dry_run:
+        print(json.dumps(describe(deployments), indent=2, default=str))
+        return 0
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if args.start_server:
+        server, url = _start_server(args.port)
+        try:
+            with temporary_settings({PREFECT_API_URL: url}):
+                serve(*deployments, limit=args.limit)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        return 0
+    if not PREFECT_API_URL.value():
+        raise ValueError(
+            "mergeline serve needs a Prefect server for its schedules (the ephemeral API has no scheduler); "
+            "start one with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, "
+            "or pass --start-server"
+        )
+    serve(*deployments, limit=args.limit)
+    return 0
+
+
+def _start_server(port: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise ValueError(f"port {port} is in use; is a Prefect server already running? set PREFECT_API_URL "
+                             f"to it, or pick another --port")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefect server exited with status {server.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    print(f"Prefect server up at {url} (UI at http://127.0.0.1:{port})", file=sys.stderr)
+                    return server, url
+        except OSError:
+            time.sleep(1)
+    server.terminate()
+    raise RuntimeError("prefect server did not answer /api/health within 180 s")
+
+
+class FlowFailed(ValueError):
+    """A watcher or nightly run that failed; its message lists every problem (printed without a traceback)."""
+
+
+def _result(state):
+    if state.is_failed() or state.is_crashed():
+        try:
+            state.result()
+        except Exception as exc:  # noqa: BLE001 - re-raised as one line for the CLI
+            raise FlowFailed(str(exc)) from exc
+        raise FlowFailed(state.message or "the flow run failed")
+    return state.result()
+
+
+def _watch(args) -> int:
+    from .watcher import watch_experts
+
+    summary = _result(watch_experts(recipes=args.recipes, experts=args.experts, catalog_path=args.catalog,
+                                    return_state=True))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    for prefix, scan in summary["scanned"].items():
+        print(f"{prefix}: {len(scan['complete'])} complete, {len(scan['pending'])} pending")
+        for name, why in scan["pending"].items():
+            print(f"  pending {name}: {why}")
+    for x in summary["landed"]:
+        print(f"landed {x['label']} {x['uri']} ({x['identity'][:12]})")
+    for m in summary["merges"]:
+        print(f"{m['recipe']}: {m['action']} {m.get('output') or ''}")
+    return 0
+
+
+def _nightly(args) -> int:
+    from .nightly import nightly_merge
+
+    summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, return_state=True))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    for r in summary["recipes"]:
+        print(f"{r['recipe']}: {r['action']} {r.get('output') or ''}")
+    return 0
