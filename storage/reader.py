@@ -54,7 +54,7 @@ _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
-def _pool(size: int) -> ThreadPoolExecutor:
+def io_pool(size: int) -> ThreadPoolExecutor:
     """A long-lived pool per size, so its threads keep their boto3 clients and connections."""
     key = (os.getpid(), size)
     with _pools_lock:
@@ -81,7 +81,7 @@ def fetch(ident: FileIdentity, start: int, end: int, cache: ReadCache | None) ->
     return buf
 
 
-def _read_small(ident: FileIdentity, cache: ReadCache | None) -> bytes:
+def read_small(ident: FileIdentity, cache: ReadCache | None) -> bytes:
     if ident.size > MAX_SMALL_FILE:
         raise CheckpointError(f"{ident.uri}: {ident.size} bytes is too large for a config/tokenizer file")
     return fetch(ident, 0, ident.size, cache).numpy().tobytes()
@@ -89,7 +89,7 @@ def _read_small(ident: FileIdentity, cache: ReadCache | None) -> bytes:
 
 def _read_json(ident: FileIdentity, cache: ReadCache | None) -> dict:
     try:
-        data = json.loads(_read_small(ident, cache))
+        data = json.loads(read_small(ident, cache))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ident.uri}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -97,7 +97,7 @@ def _read_json(ident: FileIdentity, cache: ReadCache | None) -> dict:
     return data
 
 
-def _read_header(ident: FileIdentity, filename: str, cache: ReadCache | None) -> list[TensorInfo]:
+def read_header(ident: FileIdentity, filename: str, cache: ReadCache | None) -> list[TensorInfo]:
     """Two ranged reads: the 8-byte length, then the header; never the tensor data."""
     n = header_length(fetch(ident, 0, min(8, ident.size), cache).numpy().tobytes(), ident.size, ident.uri)
     raw = fetch(ident, 8, 8 + n, cache).numpy().tobytes()
@@ -146,7 +146,7 @@ class Checkpoint:
         check_filename(filename, self.uri)
         if filename not in self._listing:
             raise CheckpointError(f"{self.uri}: has no file {filename!r}")
-        return _read_small(self._listing[filename], self.cache)
+        return read_small(self._listing[filename], self.cache)
 
 
 def _layout(uri: str, listing: dict[str, FileIdentity]) -> str:
@@ -210,9 +210,9 @@ def open_checkpoint(uri: str, *, cache: ReadCache | None = None) -> Checkpoint:
     # S3 listings carry no VersionId; a HEAD per weight file pins the version where there is one.
     def load(file: str) -> tuple[FileIdentity, list[TensorInfo]]:
         ident = stat(join(uri, file)) if is_s3(uri) else listing[file]
-        return ident, _read_header(ident, file, cache)
+        return ident, read_header(ident, file, cache)
 
-    loaded = list(_pool(io_threads()).map(load, files)) if len(files) > 1 else [load(f) for f in files]
+    loaded = list(io_pool(io_threads()).map(load, files)) if len(files) > 1 else [load(f) for f in files]
     tensors: dict[str, TensorInfo] = {}
     for file, (_, infos) in zip(files, loaded, strict=True):
         for t in infos:
@@ -244,7 +244,7 @@ def read_many(items: list[tuple[Checkpoint, str]], *, rows=None, max_workers: in
     jobs = [(ck, name, r) for (ck, name), r in zip(items, per, strict=True)]
     if len(jobs) <= 1:
         return [ck.read_tensor(name, r) for ck, name, r in jobs]
-    return list(_pool(max_workers or io_threads()).map(lambda j: j[0].read_tensor(j[1], j[2]), jobs))
+    return list(io_pool(max_workers or io_threads()).map(lambda j: j[0].read_tensor(j[1], j[2]), jobs))
 
 
 def check_compatible(checkpoints: list[Checkpoint], *, max_listed: int = 10) -> list[str]:

@@ -37,11 +37,11 @@ from storage.reader import (
     SIDECAR_NAME,
     SINGLE_NAME,
     Checkpoint,
-    _pool,
-    _read_header,
-    _read_small,
+    io_pool,
     io_threads,
     open_checkpoint,
+    read_header,
+    read_small,
 )
 from storage.uri import (
     check_filename,
@@ -197,7 +197,7 @@ def staged_shard(staging: str, filename: str) -> ShardInfo | None:
     """The ShardInfo of a shard an earlier (killed) attempt finished in staging, if it is intact."""
     uri = join(validate_output_uri(staging), check_filename(filename, staging))
     try:
-        info = json.loads(_read_small(stat(uri + _SHARD_INFO_SUFFIX), None))
+        info = json.loads(read_small(stat(uri + _SHARD_INFO_SUFFIX), None))
         if stat(uri).size != info["size"]:
             return None
     except (CheckpointError, ValueError, KeyError):
@@ -248,14 +248,14 @@ def _check_shards(staging: str, shards: list[ShardInfo]) -> tuple[dict[str, str]
         ident = stat(shard.uri)
         if ident.size != shard.size:
             raise CheckpointError(f"{shard.uri}: {ident.size} bytes in staging, {shard.size} when written")
-        infos = _read_header(ident, shard.filename, None)
+        infos = read_header(ident, shard.filename, None)
         if sorted(t.name for t in infos) != sorted(shard.tensors):
             raise CheckpointError(f"{shard.uri}: header tensors differ from the ShardInfo")
         return infos
 
     weight_map: dict[str, str] = {}
     total = 0
-    for shard, infos in zip(shards, _pool(io_threads()).map(check, shards), strict=True):
+    for shard, infos in zip(shards, io_pool(io_threads()).map(check, shards), strict=True):
         for t in infos:
             if t.name in weight_map:
                 raise CheckpointError(f"{staging}: tensor {t.name!r} is in both {weight_map[t.name]} and {shard.filename}")
@@ -343,7 +343,7 @@ def _publish_s3(out: str, staging: str, shard_names: list[str], small_names: lis
     if COMPLETE_MARKER in existing:
         s3.delete_keys(bucket, [f"{key}/{COMPLETE_MARKER}"])
     copy(SIDECAR_NAME)  # first: from here on a reader sees "incomplete mergeline output"
-    list(_pool(io_threads()).map(copy, shard_names))
+    list(io_pool(io_threads()).map(copy, shard_names))
     for name in small_names:
         if name not in (SIDECAR_NAME, INDEX_NAME):
             copy(name)

@@ -284,7 +284,7 @@ def test_killed_writer_leaves_nothing_that_looks_complete(bucket, s3_env, tmp_pa
         assert not storage.uri.exists(storage.uri.join(staging, "model-00002-of-00002.safetensors"))
         assert staged_shard(staging, "model-00002-of-00002.safetensors") is None
         done = staged_shard(staging, "model-00001-of-00002.safetensors")  # a restart finds this one again
-        data = storage.reader._read_small(storage.uri.stat(done.uri), None)
+        data = storage.reader.read_small(storage.uri.stat(done.uri), None)
         assert done.tensors == ("a", "b") and done.size == len(data) and done.sha256 == hashlib.sha256(data).hexdigest()
     assert not os.path.exists(out_local)
     assert len(os.listdir(spool)) == 1  # the S3 writer's half-written spool file
