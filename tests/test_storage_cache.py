@@ -159,7 +159,7 @@ def test_processes_share_one_cache(tiny_llamas, bucket, put_s3_dir, s3_env, tmp_
     for f in sorted(local.glob("*.safetensors")):
         want |= load_file(f)
     digests = {n: hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest() for n, t in want.items()}
-    for _ in range(20):  # keep reading, cold and warm, while the child starts and reads
+    for _ in range(4):  # read, cold then warm, while the child starts and reads
         got = read_all(open_checkpoint(uri, cache=ReadCache(cache_dir, 10**9)))
         assert all(torch.equal(got[n], w) for n, w in want.items())
         if child.poll() is not None:
