@@ -209,3 +209,19 @@ def test_retry_settings_from_the_profile(tiny_llamas, bucket, put_s3_dir, s3_fau
     with pytest.raises(StorageError, match="InternalError"):
         ck.read_tensor("lm_head.weight")
     assert len(s3_faults.requests("GET")) == 2
+
+
+def test_copy_file_local_and_server_side(bucket, s3_server, s3_env, tmp_path):
+    from storage.uri import copy_file
+
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"abc" * 1000)
+    copy_file(str(src), str(tmp_path / "sub" / "b.bin"))
+    assert (tmp_path / "sub" / "b.bin").read_bytes() == src.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["b.bin"]  # no temp file left
+    raw = boto3.client("s3", endpoint_url=s3_server)
+    raw.put_object(Bucket=bucket, Key="x/a.bin", Body=src.read_bytes())
+    copy_file(f"s3://{bucket}/x/a.bin", f"s3://{bucket}/y/b.bin")
+    assert raw.get_object(Bucket=bucket, Key="y/b.bin")["Body"].read() == src.read_bytes()
+    with pytest.raises(StorageError, match="not supported"):
+        copy_file(str(src), f"s3://{bucket}/z")
