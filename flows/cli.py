@@ -27,14 +27,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from storage import StorageError
+
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
-        print(f"mergeline: error: {exc}", file=sys.stderr)
-        hint = getattr(exc, "hint", None)
+    except (ValueError, OSError, StorageError, BotoCoreError, ClientError) as exc:
+        print(f"mergeline: error: {_one_line(exc)}", file=sys.stderr)
+        hint = getattr(exc, "hint", None) or _hint_for(exc)
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mergeline: interrupted; a re-run resumes from the finished layers", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if "\n" not in text or isinstance(exc, ValueError) else text.splitlines()[0]
+
+
+def _hint_for(exc: BaseException) -> str | None:
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, NoCredentialsError):
+        return "configure AWS credentials the way boto3 reads them (AWS_PROFILE, AWS_ACCESS_KEY_ID, ~/.aws)"
+    if isinstance(exc, EndpointConnectionError):
+        return "check AWS_ENDPOINT_URL / network access to the object store"
+    return None
 
 
 if __name__ == "__main__":
