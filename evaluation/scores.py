@@ -78,7 +78,7 @@ def ratio(value: float, reference: float, higher_is_better: bool) -> tuple[float
     if den == 0:
         who = "reference" if higher_is_better else "merged model"
         return None, f"undefined: the {who} scores 0"
-    if not (math.isfinite(num) and math.isfinite(den)):
+    if not math.isfinite(num) or math.isnan(den):
         return None, "undefined: a score is not finite"
     return num / den, ""
 

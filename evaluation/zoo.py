@@ -39,10 +39,10 @@ class ZooConfig:
     n_train: int = 2000
     n_test: int = 150
     base_steps: int = 600
-    expert_steps: int = 150
+    expert_steps: int = 250
     batch_size: int = 64
     base_lr: float = 3e-3
-    expert_lr: float = 1e-3
+    expert_lr: float = 2e-3
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4

@@ -30,7 +30,8 @@ def _digits(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def add(rng, short=False):
-    a, b = rng.randint(0, 99), rng.randint(0, 9 if short else 99)
+    hi = 19 if short else 49
+    a, b = rng.randint(0, hi), rng.randint(0, hi)
     return {"prompt": f"add {a}+{b}=", "answer": str(a + b)}
 
 
