@@ -229,13 +229,12 @@ def input_uris(recipe: Recipe) -> set[str]:
     return {normalize(u) for u in [*recipe.inputs, *([recipe.base] if recipe.base else [])]}
 
 
-def may_select(recipe: Recipe, uri: str) -> bool:
-    """Cheap pre-check: could this recipe select the expert at uri (listed, or under its models_from)?"""
-    uri = normalize(uri)
-    if recipe.models_from:
-        prefix = normalize(recipe.models_from["uri"])
-        return uri.startswith(prefix.rstrip("/") + "/") and uri not in _own_uris(recipe)
-    return uri in input_uris(recipe)
+def selected_uris(recipe: Recipe, scans: dict[str, ExpertScan] | None = None) -> set[str]:
+    """Normalised URIs of everything the recipe merges now: its selection (or listed experts) and base."""
+    if not recipe.models_from:
+        return input_uris(recipe)
+    base = {normalize(recipe.base)} if recipe.base else set()
+    return {e.uri for e in select_experts(recipe, scans)} | base
 
 
 # -- recipes for the watcher and the nightly run ---------------------------------------------------

@@ -43,11 +43,10 @@ from .nightly import merge_if_changed
 from .selection import (
     ExpertScan,
     LandedExpert,
-    input_uris,
     load_recipes,
-    may_select,
     resolve_recipe,
     scan_experts,
+    selected_uris,
     watched_prefixes,
 )
 
@@ -61,13 +60,11 @@ class LandingLog:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
-            con.executescript("""
-                CREATE TABLE IF NOT EXISTS landings (
-                    uri TEXT NOT NULL, identity TEXT NOT NULL, checkpoint_id TEXT, label TEXT,
-                    landed_at TEXT NOT NULL, flow_run_id TEXT, PRIMARY KEY (uri, identity));
-                CREATE TABLE IF NOT EXISTS seen (
-                    uri TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, identity TEXT NOT NULL);
-            """)
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS landings (uri TEXT NOT NULL, identity TEXT NOT NULL, checkpoint_id TEXT, "
+                "label TEXT, landed_at TEXT NOT NULL, flow_run_id TEXT, PRIMARY KEY (uri, identity))")
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS seen (uri TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, identity TEXT NOT NULL)")
 
     @classmethod
     def beside(cls, catalog_path: Path) -> LandingLog:
@@ -81,7 +78,8 @@ class LandingLog:
             yield con
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:
+                con.execute("ROLLBACK")
             raise
         finally:
             con.close()
@@ -203,14 +201,12 @@ def watch_experts(
 
     merges: list[dict] = []
     for recipe in loaded:
-        candidates = [x for x in landed if may_select(recipe, x["uri"])]
-        if not candidates:
-            continue
         try:
-            concrete = resolve_recipe(recipe, scans)
-            hits = [x["label"] for x in candidates if x["uri"] in input_uris(concrete)]
+            selected = selected_uris(recipe, scans)
+            hits = [x["label"] for x in landed if x["uri"] in selected]
             if not hits:
                 continue
+            concrete = resolve_recipe(recipe, scans)
             logger.info("%s selects %s: merging", recipe.name, ", ".join(hits))
             result = merge_if_changed(
                 concrete, trigger="new-expert", catalog_path=catalog_path, scans=scans, record_skip=False,
