@@ -1,0 +1,8 @@
+#!/bin/sh
+# The work pools and deployments of infra/prefect.yaml on the local stack (docker-compose.yml,
+# profile "pools"). Locally both pools are process pools; on a cluster gpu is a kubernetes pool
+# (see docs/operations.md). Run from /opt/mergeline (the image's working directory).
+set -e
+prefect work-pool create cpu --type process --overwrite
+prefect work-pool create gpu --type process --overwrite
+prefect deploy --all --prefect-file infra/prefect.yaml
