@@ -38,6 +38,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipes", action="append", required=True, metavar="PATH|URI",
                    help="recipe file, directory or S3 prefix of recipe YAML (repeatable)")
     p.add_argument("--catalog", metavar="PATH", help="catalog DuckDB file (default: $MERGELINE_CATALOG or the user data dir)")
+    p.add_argument("--runner", choices=["threads", "dask"], default="threads",
+                   help="where the layer tasks of merges run here: a thread pool (default) or a Dask cluster")
+    p.add_argument("--address", metavar="tcp://HOST:PORT", help="Dask scheduler address (with --runner dask)")
+    p.add_argument("--workers", type=int, default=4, metavar="N", help="threads per merge with --runner threads")
+
+
+def _runner(args) -> dict:
+    if args.runner == "dask" and not args.address:
+        raise ValueError("--runner dask needs --address tcp://HOST:PORT of a running Dask scheduler")
+    return {"runner": args.runner, "address": args.address, "workers": args.workers}
 
 
 def add_parser(sub) -> None:
@@ -56,7 +66,8 @@ def add_parser(sub) -> None:
     p.add_argument("--nightly-cron", default=NIGHTLY_CRON, metavar="CRON",
                    help=f"nightly merge schedule, UTC (default: '{NIGHTLY_CRON}')")
     p.add_argument("--merge-in-process", action="store_true",
-                   help="the watcher merges inside its own run instead of starting runs of the merge deployment")
+                   help="the watcher merges inside its own run instead of starting runs of the merge deployment "
+                   "(implied by --runner dask)")
     p.add_argument("--limit", type=int, default=2, metavar="N", help="flow runs at once (default: 2)")
     p.add_argument("--start-server", action="store_true",
                    help="start `prefect server start` on 127.0.0.1 for as long as this runs")
@@ -87,6 +98,7 @@ def build_deployments(
     watch_every: float = WATCH_EVERY_S,
     nightly_cron: str = NIGHTLY_CRON,
     merge_in_process: bool = False,
+    runner: dict | None = None,
 ) -> list:
     """The RunnerDeployments `serve` runs (names and schedules as in infra/prefect.yaml)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -97,6 +109,9 @@ def build_deployments(
     from .nightly import nightly_merge
     from .watcher import watch_experts
 
+    runner = runner or {}
+    if runner.get("runner") == "dask":   # the merge deployment runs its layers in threads; Dask means in-process
+        merge_in_process = True
     module = EntrypointType.MODULE_PATH  # importable wherever mergeline is installed, whatever the cwd
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
     deployments = [
@@ -108,13 +123,13 @@ def build_deployments(
             "watcher", entrypoint_type=module, tags=["mergeline"], concurrency_limit=one_at_a_time,
             schedules=[Interval(timedelta(seconds=watch_every))],
             parameters={"recipes": recipes, "experts": experts or [], "catalog_path": catalog_path,
-                        "merge_deployment": None if merge_in_process else MERGE_DEPLOYMENT},
+                        "merge_deployment": None if merge_in_process else MERGE_DEPLOYMENT, **runner},
             description="Register newly landed experts, emit mergeline.expert.landed, merge the recipes selecting them.",
         ),
         nightly_merge.to_deployment(
             "nightly", entrypoint_type=module, tags=["mergeline"], concurrency_limit=one_at_a_time,
             schedules=[Cron(nightly_cron, timezone="UTC")],
-            parameters={"recipes": recipes, "catalog_path": catalog_path},
+            parameters={"recipes": recipes, "catalog_path": catalog_path, **runner},
             description="Merge every recipe over the current experts; unchanged inputs are recorded as skipped.",
         ),
     ]
@@ -158,7 +173,7 @@ def _serve(args) -> int:
     deployments = build_deployments(
         [_absolute(r) for r in args.recipes], experts=[_absolute(e) for e in args.experts or []],
         catalog_path=_absolute(args.catalog) if args.catalog else None, watch_every=args.watch_every,
-        nightly_cron=args.nightly_cron, merge_in_process=args.merge_in_process,
+        nightly_cron=args.nightly_cron, merge_in_process=args.merge_in_process, runner=_runner(args),
     )
     if args.dry_run:
         print(json.dumps(describe(deployments), indent=2, default=str))
@@ -230,7 +245,7 @@ def _watch(args) -> int:
     from .watcher import watch_experts
 
     summary = _result(watch_experts(recipes=args.recipes, experts=args.experts, catalog_path=args.catalog,
-                                    return_state=True))
+                                    **_runner(args), return_state=True))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -248,7 +263,8 @@ def _watch(args) -> int:
 def _nightly(args) -> int:
     from .nightly import nightly_merge
 
-    summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, return_state=True))
+    summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, **_runner(args),
+                                    return_state=True))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0

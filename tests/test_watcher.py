@@ -277,3 +277,22 @@ def test_watcher_starts_runs_of_the_merge_deployment_once_and_emits_the_event(
     [event] = _read_events(f"mergeline.expert.{experts}/math-1")
     assert event.resource["mergeline.expert.identity"] == identity
     assert event.payload["label"] == "math-1@v1"
+
+
+def test_watch_command_prints_what_landed_and_fails_in_one_line(prefect_api, zoo, tmp_path, capsys):
+    import shutil
+
+    from flows.cli import main
+
+    _, (e0, _) = zoo
+    shutil.copytree(e0, tmp_path / "experts" / "code")
+    (tmp_path / "experts" / "code" / MARKER).write_bytes(b"")
+    write(tmp_path / "recipes" / "soup.yaml", SOUP.format(experts=tmp_path / "experts", output=tmp_path / "out"))
+    args = ["watch", "--recipes", str(tmp_path / "recipes"), "--catalog", str(tmp_path / "c.duckdb")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "landed code@v1" in out and "soup" not in out        # soup selects math*, not code
+    assert main(args) == 0 and "landed" not in capsys.readouterr().out
+    write(tmp_path / "recipes" / "bad.yaml", "merge_method: nope\n")
+    assert main(args) == 2
+    assert "nope" in capsys.readouterr().err
