@@ -7,6 +7,7 @@ line and a hint, never a traceback, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -16,15 +17,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tuned expert checkpoints (local or S3) into one model, with provenance.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from flows import catalog_cli, merge_cli, serve
+    from flows import catalog_cli, eval_cli, merge_cli, serve
 
     merge_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     catalog_cli.add_parser(sub)
     serve.add_parser(sub)  # serve, watch, nightly
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Prefect's ephemeral API starts in a subprocess; 20 s is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
     from botocore.exceptions import BotoCoreError, ClientError

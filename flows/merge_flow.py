@@ -99,6 +99,13 @@ def merge_flow(
         "units": len(plan.units), "cached": sorted(cached),
         "computed": sorted(r["unit"] for r in results if r["unit"] not in cached), "timings": timings,
     }
+    if recipe.evaluate:
+        from .evaluate_flow import evaluate_flow
+
+        summary["evaluation"] = evaluate_flow(
+            published.uri, recipe.evaluate["suite"], catalog_path=catalog_path, base=recipe.base,
+            experts=recipe.evaluate["experts"] or None, device=recipe.device,
+        )
     create_table_artifact(
         key="merge-summary",
         table=[{"unit": r["unit"], "shard": r["filename"], "bytes": r["size"], "sha256": r["sha256"][:16],

@@ -53,7 +53,7 @@ class Recipe:
     out_dtype: str | None
     seed: int
     device: str
-    evaluate: Any
+    evaluate: dict | None          # {'suite': URI, 'experts': {name: URI}} after the merge, or None
     models_from: dict | None
     text: str
     source: str
@@ -135,11 +135,12 @@ def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = No
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise fail(f"'seed' must be an integer, got {seed!r}")
     models_from = _models_from(data, models, fail)
+    evaluate = _evaluate(data.get("evaluate"), fail)
     name = data.get("name") or Path(source).stem
     return Recipe(
         name=str(name), method=method_name, base=base, models=tuple(models), parameters=params,
         weights=tuple(weights), output=output or data.get("output"), out_dtype=out_dtype, seed=seed,
-        device=device, evaluate=data.get("evaluate"), models_from=models_from, text=text, source=source,
+        device=device, evaluate=evaluate, models_from=models_from, text=text, source=source,
     )
 
 
@@ -196,6 +197,23 @@ def _models_from(data: dict, models: list[ModelEntry], fail) -> dict | None:
         raise fail("models_from.latest can only be true: a selection merges the current version of each expert; "
                    "list experts under 'models' to pin them")
     return {"uri": raw["uri"].strip(), "pattern": pattern, "tags": sorted(set(tags)), "latest": True}
+
+
+def _evaluate(value, fail) -> dict | None:
+    """`evaluate: SUITE_URI` or `evaluate: {suite: URI, experts: {name: URI}}`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"suite": value}
+    if not isinstance(value, dict) or not isinstance(value.get("suite"), str):
+        raise fail("'evaluate' must be a suite URI or a mapping with 'suite' (and optional 'experts')")
+    extra = set(value) - {"suite", "experts"}
+    if extra:
+        raise fail(f"evaluate has unknown keys {sorted(extra)}; allowed: suite, experts")
+    experts = value.get("experts") or {}
+    if not isinstance(experts, dict) or not all(isinstance(v, str) for v in experts.values()):
+        raise fail("evaluate.experts maps each expert name in the suite to its URI")
+    return {"suite": value["suite"], "experts": dict(experts)}
 
 
 def _no_filters(params: dict, where: str, fail) -> None:

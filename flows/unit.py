@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_ops import merge_tensors
+from merge_ops import METHODS, merge_tensors
 from storage import Checkpoint, ShardWriter, read_many
 from storage.version import code_version
 
@@ -41,7 +41,8 @@ class UnitJob:
     @classmethod
     def from_plan(cls, plan: Plan, unit: Unit, staging: str) -> UnitJob:
         r = plan.recipe
-        return cls(unit, tuple(plan.experts), plan.base, r.method, r.parameters, r.weights, r.seed,
+        base = plan.base if METHODS[r.method].needs_base else None  # linear records a base but never reads it
+        return cls(unit, tuple(plan.experts), base, r.method, r.parameters, r.weights, r.seed,
                    tuple(plan.specs(unit)), staging, plan.device)
 
     def cache_key(self) -> str:

@@ -15,6 +15,7 @@ from storage.reader import (
     Checkpoint,
     check_compatible,
     is_complete,
+    local_copy,
     open_checkpoint,
     read_many,
 )
@@ -31,6 +32,6 @@ from storage.writer import (
 __all__ = [
     "COMPLETE_MARKER", "DTYPES", "INDEX_NAME", "MAX_HEADER_BYTES", "SIDECAR_NAME",
     "CacheStats", "Checkpoint", "CheckpointError", "FileIdentity", "ReadCache", "ShardInfo", "ShardWriter",
-    "StorageError", "TensorInfo", "abort_staging", "check_compatible", "is_complete", "open_checkpoint",
+    "StorageError", "TensorInfo", "abort_staging", "check_compatible", "is_complete", "local_copy", "open_checkpoint",
     "publish_checkpoint", "read_many", "safe_component", "staged_shard", "staging_uri", "validate_output_uri",
 ]

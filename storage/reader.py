@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from storage import s3
 from storage.cache import ReadCache
 from storage.errors import CheckpointError
 from storage.headers import TensorInfo, header_length, parse_header
@@ -278,3 +279,20 @@ def check_compatible(checkpoints: list[Checkpoint], *, max_listed: int = 10) -> 
             + "\n  ".join(problems[:max_listed]) + more
         )
     return notes
+
+
+def local_copy(ckpt: Checkpoint, directory: str | os.PathLike) -> str:
+    """A local directory holding the checkpoint, for libraries that only read local files
+    (transformers' from_pretrained). Local checkpoints are used in place; S3 ones are downloaded
+    (weights, index, config, tokenizer) into `directory`."""
+    if not is_s3(ckpt.uri):
+        return ckpt.uri
+    os.makedirs(directory, exist_ok=True)
+    names = sorted(set(ckpt.files) | set(ckpt.extra_files) | ({INDEX_NAME} & set(ckpt._listing)))
+
+    def get(name: str) -> None:
+        bucket, key = s3.split_s3_uri(join(ckpt.uri, check_filename(name, ckpt.uri)))
+        s3.download_file(bucket, key, os.path.join(directory, name))
+
+    list(io_pool(io_threads()).map(get, names))
+    return str(directory)

@@ -239,6 +239,12 @@ def upload_file(path: str, bucket: str, key: str) -> None:
         shared_client().upload_file(path, bucket, key, Config=transfer_config())
 
 
+def download_file(bucket: str, key: str, path: str) -> None:
+    """Download with boto3's transfer manager (parallel ranged parts, retried)."""
+    with errors_for(f"s3://{bucket}/{key}"):
+        shared_client().download_file(bucket, key, path, Config=transfer_config())
+
+
 def copy(src_bucket: str, src_key: str, bucket: str, key: str) -> None:
     """Server-side copy with the transfer manager (multipart copy for large objects)."""
     with errors_for(f"s3://{src_bucket}/{src_key} -> s3://{bucket}/{key}"):
