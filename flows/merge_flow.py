@@ -72,6 +72,7 @@ def merge_flow(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     plan = make_plan(recipe)
+    recipe = plan.recipe  # concrete: what a `models_from` selection resolved to
     timings["plan"] = time.perf_counter() - t0
     staging = storage.staging_uri(plan.output)
     run_id = _start_run(catalog, plan, trigger)

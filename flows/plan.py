@@ -15,6 +15,7 @@ import torch
 from storage import Checkpoint, CheckpointError, check_compatible, open_checkpoint, validate_output_uri
 
 from .recipe import Recipe
+from .selection import resolve_recipe
 
 
 class PlanError(ValueError):
@@ -76,6 +77,7 @@ def resolve_device(wanted: str) -> str:
 
 
 def make_plan(recipe: Recipe) -> Plan:
+    recipe = resolve_recipe(recipe)  # `models_from`: the experts it selects now, by concrete URI
     if not recipe.output:
         raise PlanError(f"{recipe.source}: no output URI; set 'output:' in the recipe or pass --output")
     output = validate_output_uri(recipe.output)

@@ -208,3 +208,23 @@ def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
     ])
     assert sum(u["tensors"] for u in plan["units"]) == len(load_file(base / "model.safetensors"))
     assert not (tmp_path / "m").exists()
+
+
+def test_models_from_recipe_merges_the_selected_experts(prefect_api, zoo, tmp_path):
+    import shutil
+
+    base, experts = zoo
+    landed = tmp_path / "experts"
+    for e in experts:
+        shutil.copytree(e, landed / e.name)
+        (landed / e.name / storage.COMPLETE_MARKER).write_text("{}")
+    shutil.copytree(experts[0], landed / "half-uploaded")  # no marker: never selected
+    text = (f"name: auto\nmerge_method: ties\nbase_model: {base}\nmodels_from: {{uri: {landed}, pattern: 'expert-*'}}\n"
+            "parameters: {density: 0.4}\ndtype: bfloat16\n")
+    summary = run_merge(parse_recipe(text, output=str(tmp_path / "merged")), catalog_path=str(tmp_path / "c.duckdb"))
+    [run] = Catalog(tmp_path / "c.duckdb").runs()
+    assert [i["uri"].rsplit("/", 1)[-1] for i in run["inputs"]] == ["expert-0", "expert-1", "expert-2"]
+    got, _ = load_output(summary["output"], tmp_path, None)
+    explicit = MERGEKIT_TIES.replace("density: 0.6", "density: 0.4").replace("weight: 0.5", "weight: 1.0").replace(
+        "weight: 0.7", "weight: 1.0").replace("  normalize: true\n  int8_mask: true\n", "  normalize: true\n")
+    assert_same(got, expected_merge(zoo, explicit))
