@@ -21,7 +21,12 @@ demo: setup
 	$(BIN)/python -m flows.demo
 
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+bench-setup:
+	test -x .bench/mergekit-venv/bin/python || $(PYTHON) -m venv .bench/mergekit-venv
+	.bench/mergekit-venv/bin/python -m pip install --quiet --upgrade pip
+	.bench/mergekit-venv/bin/python -m pip install --quiet -r benchmarks/mergekit-requirements.txt -c benchmarks/mergekit-requirements.txt
 
 lint: setup
 	$(BIN)/ruff check .
