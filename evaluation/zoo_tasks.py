@@ -16,77 +16,83 @@ from dataclasses import dataclass
 LOWER = "abcdefghij"  # a small alphabet keeps the input space learnable for a 100k-parameter model
 
 
-def _word(rng: random.Random, lo: int, hi: int, alphabet: str = LOWER) -> str:
+WORD = (3, 6)  # input lengths; answers of several characters make exact match a demanding metric
+
+
+def _word(rng: random.Random, lo: int = WORD[0], hi: int = WORD[1], alphabet: str = LOWER) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
 
 
-def _len(short: bool) -> tuple[int, int]:
-    """Input lengths: the base pre-trains on short inputs (1-3), experts and tests use 3-6."""
-    return (1, 3) if short else (3, 6)
-
-
-def _digits(rng: random.Random, lo: int, hi: int) -> str:
+def _digits(rng: random.Random, lo: int = WORD[0], hi: int = WORD[1]) -> str:
     return _word(rng, lo, hi, string.digits)
 
 
-def add(rng, short=False):
-    hi = 19 if short else 49
-    a, b = rng.randint(0, hi), rng.randint(0, hi)
+def add(rng):
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     return {"prompt": f"add {a}+{b}=", "answer": str(a + b)}
 
 
-def reverse(rng, short=False):
-    w = _word(rng, *_len(short))
+def reverse(rng):
+    w = _word(rng)
     return {"prompt": f"rev {w}=", "answer": w[::-1]}
 
 
-def sort_digits(rng, short=False):
-    d = _digits(rng, *_len(short))
+def sort_digits(rng):
+    d = _digits(rng)
     return {"prompt": f"sort {d}=", "answer": "".join(sorted(d))}
 
 
-def copy(rng, short=False):
-    w = _word(rng, *_len(short), LOWER + string.digits)
+def copy(rng):
+    w = _word(rng, alphabet=LOWER + string.digits)
     return {"prompt": f"copy {w}=", "answer": w}
 
 
-def count(rng, short=False):
-    w = _word(rng, *((1, 3) if short else (3, 8)), "abc")
+def count(rng):
+    w = _word(rng, 3, 9, "abc")
     c = rng.choice("abc")
     return {"prompt": f"count {c} {w}=", "answer": str(w.count(c))}
 
 
-def upper(rng, short=False):
-    w = _word(rng, *_len(short))
+def upper(rng):
+    w = _word(rng)
     return {"prompt": f"upper {w}=", "answer": w.upper()}
 
 
-def shift(rng, short=False):
-    w = _word(rng, *_len(short))
+def shift(rng):
+    w = _word(rng)
     return {"prompt": f"next {w}=", "answer": "".join(LOWER[(LOWER.index(ch) + 1) % len(LOWER)] for ch in w)}
 
 
-def max_digit(rng, short=False):
-    d = _digits(rng, *_len(short))
-    return {"prompt": f"max {d}=", "answer": max(d)}
+def dedup(rng):
+    w = _word(rng, alphabet="abcde")
+    return {"prompt": f"dedup {w}=", "answer": "".join(ch for i, ch in enumerate(w) if ch not in w[:i])}
 
 
-def min_choice(rng, short=False):
+def min_choice(rng):
     """Held-out, multiple choice: the smallest of four distinct digits, choices in input order."""
-    d = rng.sample(string.digits, 2 if short else 4)
+    d = rng.sample(string.digits, 4)
     return {"prompt": f"min {''.join(d)}=", "choices": d, "answer": d.index(min(d))}
 
 
-def double_text(rng, short=False):
-    """Held-out, perplexity: doubled letters, a format no expert sees."""
-    w = _word(rng, *_len(short))
+def double_text(rng):
+    """Held-out, perplexity: every letter doubled."""
+    w = _word(rng, 3, 6)
     return {"text": f"dup {w}=" + "".join(ch * 2 for ch in w)}
 
 
-def first_last(rng, short=False):
+def first_last(rng):
     """Held-out, exact match: first and last character."""
-    w = _word(rng, *_len(short))
+    w = _word(rng)
     return {"prompt": f"ends {w}=", "answer": w[0] + w[-1]}
+
+
+def echo(example: dict) -> str:
+    """The input echoed back: the prompt between the command word and '='."""
+    return example["prompt"].split(" ", 1)[1].rstrip("=")
+
+
+def echo_reversed(example: dict) -> str:
+    return echo(example)[::-1]
 
 
 @dataclass(frozen=True)
@@ -95,24 +101,27 @@ class ZooTask:
     metric: str
     make: Callable[[random.Random], dict]
     held_in: bool
+    # the wrong-but-plausible answer the base's noisy pre-training data often gives instead
+    distractor: Callable[[dict], str] | None = None
+    in_base: bool = True  # part of the base's pre-training mixture (False: the base meets it zero-shot)
 
 
 HELD_IN_TASKS: dict[str, ZooTask] = {
     t.name: t for t in (
-        ZooTask("add", "exact_match", add, True),
-        ZooTask("reverse", "exact_match", reverse, True),
-        ZooTask("sort", "exact_match", sort_digits, True),
-        ZooTask("copy", "exact_match", copy, True),
-        ZooTask("count", "exact_match", count, True),
-        ZooTask("upper", "exact_match", upper, True),
-        ZooTask("shift", "exact_match", shift, True),
-        ZooTask("max", "exact_match", max_digit, True),
+        ZooTask("add", "exact_match", add, True, echo),
+        ZooTask("reverse", "exact_match", reverse, True, echo),
+        ZooTask("sort", "exact_match", sort_digits, True, echo),
+        ZooTask("copy", "exact_match", copy, True, echo_reversed),
+        ZooTask("count", "exact_match", count, True, echo),
+        ZooTask("upper", "exact_match", upper, True, echo),
+        ZooTask("shift", "exact_match", shift, True, echo),
+        ZooTask("dedup", "exact_match", dedup, True, echo),
     )
 }
 HELD_OUT_TASKS: dict[str, ZooTask] = {
     t.name: t for t in (
-        ZooTask("min_choice", "multiple_choice", min_choice, False),
-        ZooTask("double_ppl", "perplexity", double_text, False),
+        ZooTask("min_choice", "multiple_choice", min_choice, False, in_base=False),
+        ZooTask("double_ppl", "perplexity", double_text, False, in_base=False),
         ZooTask("ends", "exact_match", first_last, False),
     )
 }
@@ -128,16 +137,21 @@ def training_text(example: dict) -> tuple[str, str]:
     return example["prompt"], example["answer"]
 
 
-def pretraining_examples(task: ZooTask, seed: int, n: int) -> list[dict]:
-    """The base's view of a task: the same prompt format on short inputs only."""
-    rng = random.Random(f"{seed}:{task.name}:short")
-    return [task.make(rng, short=True) for _ in range(n)]
+def noisy_pretraining(task: ZooTask, examples: list[dict], share: float, seed: int) -> list[dict]:
+    """The base's view of a task: `share` of the answers replaced by the task's distractor."""
+    if task.distractor is None or share <= 0:
+        return examples
+    rng = random.Random(f"{seed}:{task.name}:noise")
+    return [{**e, "answer": task.distractor(e)} if rng.random() < share else e for e in examples]
 
 
 def make_split(task: ZooTask, seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
     """Disjoint train/test examples (no test input appears in train), deterministic in `seed`."""
     rng = random.Random(f"{seed}:{task.name}")
-    key = (lambda e: e.get("prompt", e.get("text")))
+
+    def key(e):
+        return e.get("prompt", e.get("text"))
+
     test: list[dict] = []
     seen: set[str] = set()
     for _ in range(50 * n_test):

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from evaluation import evaluators
 from evaluation.evaluate import evaluate_checkpoint
-from evaluation.zoo import build_tokenizer
+from evaluation.zoo_model import build_tokenizer
 
 
 @pytest.fixture(scope="module")
