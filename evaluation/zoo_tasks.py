@@ -68,6 +68,16 @@ def dedup(rng):
     return {"prompt": f"dedup {w}=", "answer": "".join(ch for i, ch in enumerate(w) if ch not in w[:i])}
 
 
+def max_digit(rng):
+    d = _digits(rng)
+    return {"prompt": f"max {d}=", "answer": max(d)}
+
+
+def last_char(rng):
+    w = _word(rng)
+    return {"prompt": f"last {w}=", "answer": w[-1]}
+
+
 def min_choice(rng):
     """Held-out, multiple choice: the smallest of four distinct digits, choices in input order."""
     d = rng.sample(string.digits, 4)
@@ -116,8 +126,12 @@ HELD_IN_TASKS: dict[str, ZooTask] = {
         ZooTask("upper", "exact_match", upper, True, echo),
         ZooTask("shift", "exact_match", shift, True, echo),
         ZooTask("dedup", "exact_match", dedup, True, echo),
+        # not in the default zoo: single-character answers, learnt in a few seconds (for tests)
+        ZooTask("max", "exact_match", max_digit, True, echo),
+        ZooTask("last", "exact_match", last_char, True, echo),
     )
 }
+DEFAULT_HELD_IN = ("add", "reverse", "sort", "copy", "count", "upper", "shift", "dedup")
 HELD_OUT_TASKS: dict[str, ZooTask] = {
     t.name: t for t in (
         ZooTask("min_choice", "multiple_choice", min_choice, False, in_base=False),
