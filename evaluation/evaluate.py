@@ -55,9 +55,23 @@ def evaluate_model(model, tokenizer, data: Iterable[TaskData], *, batch_size: in
 
 
 def evaluate_checkpoint(model_dir: str | Path, suite: Suite | str | Path, *, device: str = "cpu",
-                        batch_size: int = 32, tasks: Iterable[str] | None = None) -> list[TaskScore]:
+                        batch_size: int = 32, tasks: Iterable[str] | None = None,
+                        dtype: str | None = None) -> list[TaskScore]:
     """Score the HF-layout checkpoint in the LOCAL directory `model_dir` on `suite` (a Suite, or
-    a YAML path / s3:// URI). `tasks` restricts to a subset, e.g. an expert's own tasks."""
+    a YAML path / s3:// URI). `tasks` restricts to a subset, e.g. an expert's own tasks; `dtype`
+    ("bfloat16", "float16", "float32") overrides the checkpoint's dtype, e.g. bf16 on a GPU."""
+    torch_dtype = _torch_dtype(dtype)
     data = load_suite_data(suite, tasks)
-    model, tokenizer = evaluators.load_model(model_dir, device=device)
+    model, tokenizer = evaluators.load_model(model_dir, device=device, dtype=torch_dtype)
     return evaluate_model(model, tokenizer, data, batch_size=batch_size)
+
+
+def _torch_dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"unknown dtype {name!r}; use bfloat16, float16 or float32")
+    return dtype

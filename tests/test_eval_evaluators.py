@@ -212,3 +212,15 @@ def test_evaluate_checkpoint_checks_data_before_loading_the_model(tmp_path):
     (tmp_path / "nope.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
     with pytest.raises(FileNotFoundError, match="no config.json"):
         evaluate_checkpoint(tmp_path / "no-model-here", tmp_path / "suite.yaml")
+
+
+def test_evaluate_checkpoint_dtype_override(tok, tmp_path):
+    model, _, _ = bigram_model(tok, "=42", scale=5.0)
+    model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "em.jsonl").write_text('{"prompt": "a=", "answer": "42"}\n')
+    (tmp_path / "s.yaml").write_text("tasks:\n  - {name: em, metric: exact_match, data: em.jsonl, split: held_out}\n")
+    [score] = evaluate_checkpoint(tmp_path / "model", tmp_path / "s.yaml", dtype="bfloat16")
+    assert score.value == 1.0
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        evaluate_checkpoint(tmp_path / "model", tmp_path / "s.yaml", dtype="int8")
