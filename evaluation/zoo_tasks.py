@@ -1,8 +1,9 @@
 """The zoo's synthetic tasks: tiny string/number problems a small char-level model learns in seconds.
 
 Held-in tasks (one expert each) are exact-match prompt -> answer problems. Held-out tasks, which
-no expert trains on, cover the other two metrics so every evaluator is exercised: a
-multiple-choice task and a perplexity task, plus one exact-match task. Every generator takes a
+no expert trains on, cover all three metrics so every evaluator is exercised: `ends` (exact
+match) and `double_ppl` (perplexity) are in the base's pre-training mixture, `min_choice`
+(multiple choice) is not, so the base meets it zero-shot. Every generator takes a
 `random.Random`, so the data is a pure function of the seed.
 """
 
@@ -114,11 +115,12 @@ class ZooTask:
     # the wrong-but-plausible answer the base's noisy pre-training data often gives instead
     distractor: Callable[[dict], str] | None = None
     in_base: bool = True  # part of the base's pre-training mixture (False: the base meets it zero-shot)
+    base_weight: int = 1  # copies in the base's mixture: more for skills that take longer to learn
 
 
 HELD_IN_TASKS: dict[str, ZooTask] = {
     t.name: t for t in (
-        ZooTask("add", "exact_match", add, True, echo),
+        ZooTask("add", "exact_match", add, True, echo, base_weight=3),
         ZooTask("reverse", "exact_match", reverse, True, echo),
         ZooTask("sort", "exact_match", sort_digits, True, echo),
         ZooTask("copy", "exact_match", copy, True, echo_reversed),
@@ -135,7 +137,7 @@ DEFAULT_HELD_IN = ("add", "reverse", "sort", "copy", "count", "upper", "shift", 
 HELD_OUT_TASKS: dict[str, ZooTask] = {
     t.name: t for t in (
         ZooTask("min_choice", "multiple_choice", min_choice, False, in_base=False),
-        ZooTask("double_ppl", "perplexity", double_text, False, in_base=False),
+        ZooTask("double_ppl", "perplexity", double_text, False),
         ZooTask("ends", "exact_match", first_last, False),
     )
 }
@@ -152,11 +154,13 @@ def training_text(example: dict) -> tuple[str, str]:
 
 
 def noisy_pretraining(task: ZooTask, examples: list[dict], share: float, seed: int) -> list[dict]:
-    """The base's view of a task: `share` of the answers replaced by the task's distractor."""
-    if task.distractor is None or share <= 0:
-        return examples
+    """The base's view of a task: its examples `base_weight` times over, with `share` of the
+    answers replaced by the task's distractor (drawn afresh for each repeat)."""
     rng = random.Random(f"{seed}:{task.name}:noise")
-    return [{**e, "answer": task.distractor(e)} if rng.random() < share else e for e in examples]
+    if task.distractor is None or share <= 0:
+        return examples * task.base_weight
+    return [{**e, "answer": task.distractor(e)} if rng.random() < share else e
+            for _ in range(task.base_weight) for e in examples]
 
 
 def make_split(task: ZooTask, seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
