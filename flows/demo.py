@@ -117,7 +117,7 @@ def run_demo(work: Path, bucket: str, methods: list[str], sizes: list[int], cons
                 "parameters": METHOD_PARAMETERS[method], "dtype": "float32",
                 "output": f"s3://{bucket}/merged/{name}",
                 "evaluate": {"suite": f"{prefix}/suite.yaml",
-                             "experts": {e: f"{prefix}/experts/{e}" for e in experts}},
+                             "experts": {e: f"{prefix}/experts/{e}" for e in chosen}},
             }
             text = yaml.safe_dump(recipe, sort_keys=False)
             t0 = time.perf_counter()

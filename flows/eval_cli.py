@@ -13,9 +13,10 @@ EXAMPLE = """example:
   mergeline eval s3://models/merged/soup-v1 --suite suite.yaml --base s3://models/base \\
       --expert addition=s3://models/experts/addition --expert reverse=s3://models/experts/reverse
 
-Held-in tasks are normalised by the score of the expert trained on them (the suite names it;
-found in the catalog by name unless given with --expert), held-out tasks by the base model's
-score (the base of the run that made MODEL unless given with --base). Every score is recorded."""
+Held-in tasks are the tasks of the experts MODEL was merged from (the catalog knows them; or
+give them with --expert), each normalised by its expert's score; held-out tasks are normalised
+by the base model's score (the base of the run that made MODEL unless given with --base).
+Every score is recorded in the catalog."""
 
 
 def add_parser(sub) -> None:

@@ -2,7 +2,8 @@
 and record every score in the catalog.
 
 References come from the catalog when not given: the base of the run that made the model, and
-each held-in task's expert by its catalog name (the suite names it). Each model's scoring is a
+its input experts. Held-in tasks are the tasks of the experts the model was merged from (the
+suite names each task's expert), as in the paper; other experts' tasks are not scored. Each model's scoring is a
 cached task keyed on the checkpoint's identity and the suite data's digests, so the base and the
 experts are scored once, however many merged models are compared with them.
 """
@@ -70,7 +71,8 @@ def evaluate_flow(
     held_out = [t.name for t in suite_obj.split(HELD_OUT)]
     if held_out and not base_uri:
         raise ValueError(f"{model}: no base model to normalise held-out tasks by; pass base=URI")
-    expert_uris = {name: (experts or {}).get(name) or _uri_of(catalog, name, suite) for name in suite_obj.experts()}
+    expert_uris = _experts_for(catalog, target, suite_obj, experts, suite)
+    held_in = [t for name in expert_uris for t in suite_obj.experts()[name]]
     device = _device(device)
 
     def submit(label: str, ckpt: storage.Checkpoint, tasks: list[str]):
@@ -78,17 +80,17 @@ def evaluate_flow(
                                   data_digests={t: digests[t] for t in tasks}, device=device, batch_size=batch_size)
 
     target_ckpt = storage.open_checkpoint(target["uri"])
-    futures = {"model": submit(target["label"], target_ckpt, suite_obj.names())}
+    futures = {"model": submit(target["label"], target_ckpt, [t for t in suite_obj.names() if t in held_in + held_out])}
     refs = {}
     if held_out:
         refs["base"] = storage.open_checkpoint(base_uri)
         futures["base"] = submit("base", refs["base"], held_out)
-    for name, tasks in suite_obj.experts().items():
-        refs[name] = storage.open_checkpoint(expert_uris[name])
-        futures[name] = submit(name, refs[name], tasks)
+    for name, uri in expert_uris.items():
+        refs[name] = storage.open_checkpoint(uri)
+        futures[name] = submit(name, refs[name], suite_obj.experts()[name])
     results = {k: [TaskScore.from_dict(d) for d in f.result()] for k, f in futures.items()}
 
-    expert_scores = [s for name in suite_obj.experts() for s in results[name]]
+    expert_scores = [s for name in expert_uris for s in results[name]]
     normalised = normalise(results["model"], expert_scores, results.get("base", []))
     run_id = str(flow_run.id) if flow_run.id else None
     labels = {"base": base_uri, **expert_uris}
@@ -139,6 +141,22 @@ def _checkpoint(catalog: Catalog, ref: str) -> dict:
 def _base_of(catalog: Catalog, target: dict) -> str | None:
     made = catalog.show(target["id"]).get("produced_by")
     return made["base_uri"] if made else None
+
+
+def _experts_for(catalog: Catalog, target: dict, suite_obj, given: dict[str, str] | None, suite: str) -> dict[str, str]:
+    """The experts whose tasks are held-in for this model: as in the paper, those it was merged from.
+
+    Given explicitly: those of them the suite names. Otherwise the producing run's inputs that the
+    suite names, or, for a model no run produced (an expert scored alone), every expert of the suite.
+    """
+    named = suite_obj.experts()
+    if given:
+        return {n: u for n, u in given.items() if n in named}
+    made = catalog.show(target["id"]).get("produced_by")
+    if made:
+        inputs = {_name(i["uri"]): i["uri"] for i in made["inputs"]}
+        return {n: inputs[n] for n in named if n in inputs}
+    return {n: _uri_of(catalog, n, suite) for n in named}
 
 
 def _uri_of(catalog: Catalog, expert: str, suite: str) -> str:

@@ -1,4 +1,4 @@
-"""The demo pipeline in a reduced configuration (2 experts, one method), end to end: zoo -> S3 ->
+"""The demo pipeline in a reduced configuration (2 of 3 experts, one method), end to end: zoo -> S3 ->
 merge flow -> evaluate flow -> catalog -> report. Also checks the recorded normalisation against
 the recorded absolute scores of the references."""
 
@@ -19,7 +19,7 @@ def demo(tmp_path_factory, prefect_api, s3_server):
         mp.setenv(k, v)
     work = tmp_path_factory.mktemp("demo")
     try:
-        summary = run_demo(work, "demo-test", ["ties"], [2], Console(quiet=True), zoo_tasks="copy,upper", zoo_steps=30)
+        summary = run_demo(work, "demo-test", ["ties"], [2], Console(quiet=True), zoo_tasks="copy,upper,reverse", zoo_steps=30)
         yield work, summary
     finally:
         mp.undo()
@@ -45,6 +45,7 @@ def test_recorded_normalisation_matches_recorded_reference_scores(demo):
         "FROM evaluations e JOIN checkpoints c ON c.id = e.checkpoint_id"
     )
     merged = [r for r in rows if r["name"] == "ties-2"]
+    # held-in: only the tasks of the two experts merged (the zoo's third expert, reverse, is not)
     assert {r["task"] for r in merged} == {"copy", "upper", "min_choice", "double_ppl", "ends"}
     for r in merged:
         ref_name = r["task"] if r["split"] == "held-in" else "base"
