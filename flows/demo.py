@@ -97,7 +97,8 @@ def run_demo(work: Path, bucket: str, methods: list[str], sizes: list[int], cons
     if zoo_steps:
         overrides.update(base_steps=zoo_steps, expert_steps=zoo_steps, min_margin=0.0)  # a quick, unchecked zoo
     zoo_dir = work / "zoo"
-    manifest = build_zoo(zoo_dir, log=console.print, **overrides)
+    workers = 1 if zoo_steps else None  # a quick zoo is not worth starting training processes for
+    manifest = build_zoo(zoo_dir, log=console.print, workers=workers, **overrides)
     prefix = f"s3://{bucket}/zoo"
     _upload_zoo(zoo_dir, bucket, console)
     experts = list(manifest["experts"])
