@@ -71,7 +71,15 @@ def merge_flow(
     catalog = Catalog(catalog_path)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    plan = make_plan(recipe)
+    try:
+        plan = make_plan(recipe)
+    except Exception as exc:  # bad or unreachable inputs: a failed run with no inputs, nothing staged
+        run_id = catalog.start_run(
+            recipe_name=recipe.name, method=recipe.method, parameters=recipe.parameters, recipe_text=recipe.text,
+            base_id=None, inputs=[], code_version=code_version(), flow_run_id=_flow_run_id(), trigger=trigger,
+        )
+        catalog.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
     recipe = plan.recipe  # concrete: what a `models_from` selection resolved to
     timings["plan"] = time.perf_counter() - t0
     staging = storage.staging_uri(plan.output)
@@ -170,7 +178,7 @@ def _sidecar(plan: Plan, results: list[dict]) -> dict:
         ],
         "shards": [{k: r[k] for k in ("filename", "sha256", "size", "unit")} for r in results],
         "code_version": code_version(),
-        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "flow_run_id": _flow_run_id(),
         "created_at": datetime.now(UTC).isoformat(),
     }
 
@@ -191,9 +199,13 @@ def _start_run(catalog: Catalog, plan: Plan, trigger: str) -> str:
     ]
     return catalog.start_run(
         recipe_name=r.name, method=r.method, parameters=r.parameters, recipe_text=r.text, base_id=base_id,
-        inputs=inputs, code_version=code_version(), flow_run_id=str(flow_run.id) if flow_run.id else None,
+        inputs=inputs, code_version=code_version(), flow_run_id=_flow_run_id(),
         trigger=trigger,
     )
+
+
+def _flow_run_id() -> str | None:
+    return str(flow_run.id) if flow_run.id else None
 
 
 def _name_of(uri: str) -> str:

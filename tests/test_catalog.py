@@ -199,6 +199,17 @@ def test_failed_run_leaves_no_checkpoint(cat):
     assert cat.find_checkpoint("s3://models/m") is None
 
 
+def test_run_with_no_inputs_can_only_fail(cat):
+    """A merge whose inputs could not be opened is still on record, as a failed run."""
+    run = _start(cat, "m", "ties", [], [])
+    merged = cat.register_checkpoint("s3://models/m", kind="merged", name="m", identity="id-m")
+    with pytest.raises(CatalogError, match="no inputs can only fail"):
+        cat.finish_run(run, status="succeeded", output_checkpoint_id=merged)
+    cat.finish_run(run, status="failed", error="cannot read the inputs")
+    (failed,) = cat.runs(status="failed")
+    assert failed["inputs"] == [] and failed["error"] == "cannot read the inputs"
+
+
 def test_run_inputs_must_exist_and_vocabularies_are_checked(cat):
     a = _reg(cat, "a", "expert")
     with pytest.raises(CatalogError, match="no checkpoint 'ghost'"):

@@ -191,6 +191,8 @@ def test_invalid_inputs_fail_before_any_task(prefect_api, zoo, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "model.layers.2" in err and "Traceback" not in err
     assert not output.exists() and not Path(storage.staging_uri(str(output))).exists()
+    [run] = Catalog(tmp_path / "c.duckdb").runs()  # the attempt is on record, as failed, with no output
+    assert run["status"] == "failed" and "model.layers.2" in run["error"] and run["output_uri"] is None
 
     assert cli(["plan", str(recipe), "--output", str(output)]) == 2
     assert "model.layers.2" in capsys.readouterr().err

@@ -192,8 +192,6 @@ class Catalog:
         code_version defaults to this checkout's (storage.version.code_version()).
         """
         _choice(trigger, TRIGGERS, "trigger")
-        if not inputs:
-            raise CatalogError("a merge run needs at least one input checkpoint")
         run_id = "run-" + uuid.uuid4().hex[:12]
         with self._write() as con:
             base = self._require(con, base_id)["id"] if base_id else None
@@ -211,7 +209,8 @@ class Catalog:
                  flow_run_id, trigger,
                  _now()],
             )
-            con.executemany("INSERT INTO run_inputs VALUES (?, ?, ?, ?, ?)", rows)
+            if rows:
+                con.executemany("INSERT INTO run_inputs VALUES (?, ?, ?, ?, ?)", rows)
         return run_id
 
     def finish_run(
@@ -243,6 +242,8 @@ class Catalog:
         _choice(status, STATUSES[1:], "final run status")
         if status == "succeeded" and not output_id:
             raise CatalogError(f"run {run_id}: a succeeded run needs its output checkpoint")
+        if status != "failed" and not con.execute("SELECT 1 FROM run_inputs WHERE run_id = ?", [run_id]).fetchone():
+            raise CatalogError(f"run {run_id}: a run with no inputs can only fail")
         if status == "failed" and output_id:
             raise CatalogError(f"run {run_id}: a failed run has no output checkpoint")
         run = con.execute("SELECT status, base_id FROM runs WHERE id = ?", [run_id]).fetchone()
