@@ -72,8 +72,17 @@ def _check_tensors(experts, base, where: str) -> None:
     for label, t in labelled:
         if not t.is_floating_point():
             raise ValueError(f"{label}{where} has dtype {t.dtype}; only floating-point tensors are merged")
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise ValueError(f"{label}{where} contains NaN or Inf values")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf: one min/max reduction (NaN propagates into both; an Inf is the min or the max),
+    dozens of times faster on CPU than isfinite(t).all(), which materialises a bool tensor."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:

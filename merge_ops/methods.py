@@ -2,9 +2,14 @@
 
 Each function sees the inputs flattened to 1-D, does its whole-tensor preparation (TIES
 thresholds, DARE L1 norms) once, and returns a kernel that merges elements [start, stop) in
-float32. The caller runs the kernel chunk by chunk, so peak extra memory is one tensor's worth
-for the preparation plus a few chunks, whatever the number of experts. Kernels are purely
-elementwise with a fixed loop over experts, which is why any chunking gives identical bits.
+float32. The caller runs the kernel chunk by chunk, so peak extra memory is a few chunks,
+whatever the number of experts or the size of the tensor. Kernels are purely elementwise with a
+fixed loop over experts, which is why any chunking gives identical bits.
+
+Kernels work in place on chunk-sized float32 buffers allocated once per merge (`_Scratch`) and
+never fuse a multiply into an add (no `alpha=`, no addcmul with rounding in between), so every
+element goes through the same roundings whatever the chunk boundaries. The returned chunk is a
+view of a scratch buffer: the caller copies it out before asking for the next one.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .dropout import keep_mask, stream_keys
+from .dropout import DropMask, stream_keys
 from .registry import Param, register
-from .topk import keep_count, kth_largest
+from .topk import _SMALL, Bracket, _kth_largest_select, keep_count, sample_positions
 
 Kernel = Callable[[int, int], torch.Tensor]
 
@@ -27,38 +32,85 @@ RESCALE = Param("rescale", True, "survivor rescale: true/'density' (1/density, t
 DISJOINT_NORMALIZE = Param("normalize", True, "divide by the summed weights of the agreeing experts (disjoint mean)")
 INT8_MASK = Param("int8_mask", False, "accepted for mergekit compatibility; no effect (masks are bool)")
 
-
-def _f32(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return t[start:stop].to(torch.float32)
-
-
-def _delta(expert: torch.Tensor, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return _f32(expert, start, stop) - _f32(base, start, stop)
+_NARROW = (torch.bfloat16, torch.float16, torch.float32)  # upcast to float32 exactly inside an op
+_PREP_BLOCK = 1 << 18  # elements per block of whole-tensor preparation passes (thresholds, L1 norms)
 
 
-def _weighted_sum(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    total = parts[0] * weights[0]
+class _Scratch:
+    """Chunk-sized work buffers for one merge, allocated on first use and reused for every chunk."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict = {}
+
+    def __call__(self, key, m: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < m:
+            buf = self._bufs[key] = torch.empty(m, dtype=dtype, device=self.device)
+        return buf[:m]
+
+    def ramp(self, m: int) -> torch.Tensor:
+        """int32 0 .. m-1 (made once, for the largest m asked)."""
+        buf = self._bufs.get("ramp")
+        if buf is None or buf.numel() < m:
+            buf = self._bufs["ramp"] = torch.arange(m, dtype=torch.int32, device=self.device)
+        return buf[:m]
+
+
+def _sub_into(out: torch.Tensor, a: torch.Tensor, b32: torch.Tensor) -> torch.Tensor:
+    """out = float32(a) - b32, in one pass when `a` upcasts to float32 exactly."""
+    if a.dtype in _NARROW:
+        return torch.sub(a, b32, out=out)
+    out.copy_(a)  # float64 inputs: round to float32 first, as .to(float32) would
+    return out.sub_(b32)
+
+
+def _load(out: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return out.copy_(a)
+
+
+def _scale_(t: torch.Tensor, w: float) -> torch.Tensor:
+    return t if w == 1.0 else t.mul_(w)  # x * 1.0 == x exactly: skipping it changes no bits
+
+
+def _weighted_sum_into(acc: torch.Tensor, tmp: torch.Tensor, parts: Sequence[torch.Tensor],
+                       weights: Sequence[float]) -> torch.Tensor:
+    """acc = ((p0 * w0) + p1 * w1) + ..., the products rounded before each add. Parts are float32."""
+    torch.mul(parts[0], weights[0], out=acc) if weights[0] != 1.0 else acc.copy_(parts[0])
     for part, w in zip(parts[1:], weights[1:], strict=True):
-        total = total + part * w
-    return total
+        if w == 1.0:
+            acc.add_(part)
+        else:
+            acc.add_(torch.mul(part, w, out=tmp))
+    return acc
 
 
-def _disjoint_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True) -> torch.Tensor:
+def _disjoint_mean_(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,
+                    scratch: _Scratch, m: int) -> torch.Tensor:
     """TIES: elect the sign of the weighted sum; weighted mean of the deltas that agree with it.
 
     An entry whose sum is exactly zero, or where no delta agrees, gets no update. With
     normalize=False the agreeing weighted deltas are summed, not averaged (mergekit's option).
+    Overwrites `deltas` (float32 scratch buffers); returns a scratch buffer.
+
+    Float arithmetic only (bool masks cost several times more per element on CPU): with s the
+    elected sign, relu(d * s) is |d| where d agrees and 0 where not, so the agreeing sum is
+    s * sum(w * relu(d * s)) -- the same bits as summing w * d over the agreeing d, since negating
+    every term negates every rounded partial sum.
     """
-    sign = torch.sign(_weighted_sum(deltas, weights))
-    num = torch.zeros_like(sign)
-    den = torch.zeros_like(sign)
+    tmp = scratch("tmp", m)
+    sign = _weighted_sum_into(scratch("sign", m), tmp, deltas, weights).sign_()
+    num = scratch("num", m).zero_()
+    den = scratch("den", m).zero_()
     for d, w in zip(deltas, weights, strict=True):
-        agree = (d * sign) > 0
-        num = num + torch.where(agree, d * w, 0.0)
-        den = den + torch.where(agree, w, 0.0)
-    if not normalize:
-        return num
-    return torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+        agreeing = torch.mul(d, sign, out=d).clamp_min_(0.0)      # |d| where d agrees, else 0
+        den.add_(_scale_(torch.gt(agreeing, 0.0, out=tmp), w))  # + (w or 0), exact
+        num.add_(_scale_(agreeing, w))
+    if normalize:
+        nonzero = torch.ne(den, 0.0, out=tmp)                  # 1.0 where den != 0
+        den.add_(torch.neg(nonzero, out=scratch("tmp2", m)).add_(1.0))  # den, or 1 where it is 0
+        num.div_(den).mul_(nonzero)                            # where(den != 0, num / den, 0)
+    return num.mul_(sign)
 
 
 def _check_weight_sum(weights: Sequence[float], method: str) -> float:
@@ -76,9 +128,19 @@ def _check_weight_sum(weights: Sequence[float], method: str) -> float:
 )
 def linear(experts, base, weights, params, seed, name) -> Kernel:
     scale = 1.0 / _check_weight_sum(weights, "linear") if params["normalize"] else 1.0
+    scratch = _Scratch(experts[0].device)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
-        return _weighted_sum([_f32(e, start, stop) for e in experts], weights) * scale
+        m = stop - start
+        acc, tmp = scratch("acc", m), scratch("tmp", m)
+        _load(acc, experts[0][start:stop])
+        _scale_(acc, weights[0])
+        for e, w in zip(experts[1:], weights[1:], strict=True):
+            if w == 1.0 and e.dtype in _NARROW:
+                acc.add_(e[start:stop])  # the upcast to float32 is exact, inside the add
+            else:
+                acc.add_(_scale_(_load(tmp, e[start:stop]), w))
+        return _scale_(acc, scale)
 
     return kernel
 
@@ -93,12 +155,62 @@ def task_arithmetic(experts, base, weights, params, seed, name) -> Kernel:
     scale = params["lambda"]
     if params["normalize"]:
         scale /= _check_weight_sum(weights, "task_arithmetic")
+    scratch = _Scratch(base.device)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
-        deltas = [_delta(e, base, start, stop) for e in experts]
-        return _f32(base, start, stop) + scale * _weighted_sum(deltas, weights)
+        m = stop - start
+        b, acc, tmp = _load(scratch("base", m), base[start:stop]), scratch("acc", m), scratch("tmp", m)
+        _scale_(_sub_into(acc, experts[0][start:stop], b), weights[0])
+        for e, w in zip(experts[1:], weights[1:], strict=True):
+            acc.add_(_scale_(_sub_into(tmp, e[start:stop], b), w))
+        return _scale_(acc, scale).add_(b)  # base + lambda * sum: the same bits in either order
 
     return kernel
+
+
+def _ties_thresholds(experts, base, densities) -> list[float | None]:
+    """Per expert, the k-th largest |delta| (None where density >= 1): one streamed pass over the
+    tensor for all experts, each chunk's magnitudes computed, fed to a Bracket, and dropped."""
+    n = base.numel()
+    todo = [i for i, d in enumerate(densities) if d < 1.0]
+    out: list[float | None] = [None] * len(experts)
+    if not todo:
+        return out
+    if n <= _SMALL:
+        b = base.to(torch.float32)
+        for i in todo:
+            mag = (experts[i].to(torch.float32) - b).abs_()
+            out[i] = float(_kth_largest_select(mag, keep_count(densities[i], n)))
+        return out
+
+    # Experts with the same density share the sample positions (a function of n and k), and
+    # every sample shares the base's values there.
+    positions: dict[int, torch.Tensor] = {}
+    base_at: dict[int, torch.Tensor] = {}
+    brackets = {}
+    for i in todo:
+        k = keep_count(densities[i], n)
+        if k not in positions:
+            positions[k] = sample_positions(n, k).to(base.device)
+            base_at[k] = base[positions[k]].to(torch.float32)
+        sample = (experts[i][positions[k]].to(torch.float32) - base_at[k]).abs_()
+        brackets[i] = Bracket(n, k, sample)
+    scratch = _Scratch(base.device)
+    for start in range(0, n, _PREP_BLOCK):
+        stop = min(n, start + _PREP_BLOCK)
+        m = stop - start
+        b = _load(scratch("base", m), base[start:stop])
+        mag = scratch("mag", m)
+        for i in todo:
+            brackets[i].feed(_sub_into(mag, experts[i][start:stop], b).abs_())
+    for i in todo:
+        found = brackets[i].result()
+        if found is None:  # the sampled bracket missed: select on the whole tensor
+            mag = (experts[i].to(torch.float32) - base.to(torch.float32)).abs_()
+            found = _kth_largest_select(mag, brackets[i].k)
+            del mag
+        out[i] = float(found)
+    return out
 
 
 @register(
@@ -109,54 +221,67 @@ def task_arithmetic(experts, base, weights, params, seed, name) -> Kernel:
     params=(DENSITY_TIES, LAMBDA, DISJOINT_NORMALIZE, INT8_MASK),
 )
 def ties(experts, base, weights, params, seed, name) -> Kernel:
-    thresholds = []
-    for e, density in zip(experts, params["density"], strict=True):
-        if density >= 1.0:
-            thresholds.append(None)
-            continue
-        magnitude = (e.to(torch.float32) - base.to(torch.float32)).abs_()
-        thresholds.append(kth_largest(magnitude, keep_count(density, magnitude.numel())))
-        del magnitude
-    lam = params["lambda"]
+    thresholds = _ties_thresholds(experts, base, params["density"])
+    lam, normalize = params["lambda"], params["normalize"]
+    scratch = _Scratch(base.device)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
+        m = stop - start
+        b, tmp = _load(scratch("base", m), base[start:stop]), scratch("tmp", m)
         deltas = []
-        for e, thr in zip(experts, thresholds, strict=True):
-            d = _delta(e, base, start, stop)
-            deltas.append(d if thr is None else torch.where(d.abs() >= thr, d, 0.0))
-        return _f32(base, start, stop) + lam * _disjoint_mean(deltas, weights, params["normalize"])
+        for i, (e, thr) in enumerate(zip(experts, thresholds, strict=True)):
+            d = _sub_into(scratch(("d", i), m), e[start:stop], b)
+            if thr is not None:  # d * (|d| >= thr): d, or a zero
+                d.mul_(torch.ge(torch.abs(d, out=tmp), thr, out=tmp))
+            deltas.append(d)
+        return _scale_(_disjoint_mean_(deltas, weights, normalize, scratch, m), lam).add_(b)
 
     return kernel
 
 
-def _dare_deltas(experts, base, params, seed, name) -> Callable[[int, int], list[torch.Tensor]]:
-    """Dropped-and-rescaled deltas for elements [start, stop), one per expert."""
-    keys = [stream_keys(seed, name, i) for i in range(len(experts))]
+def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callable[[int, int, torch.Tensor],
+                                                                                   list[torch.Tensor]]:
+    """Dropped-and-rescaled deltas for elements [start, stop), one per expert, in scratch buffers."""
     densities = params["density"]
     device = base.device
+    masks = [DropMask(stream_keys(seed, name, i), densities[i], device) for i in range(len(experts))]
 
-    def dropped(i: int, start: int, stop: int) -> torch.Tensor:
-        d = _delta(experts[i], base, start, stop)
-        return torch.where(keep_mask(keys[i], start, stop, densities[i], device), d, 0.0)
+    def keep(i: int, start: int, stop: int, buffers: _Scratch) -> torch.Tensor:
+        """1.0 where entry survives, 0.0 where it is dropped (float32)."""
+        m = stop - start
+        return masks[i].keep_into(start, stop, buffers("keep", m), buffers("h", m, torch.int32),
+                                  buffers("t", m, torch.int32), buffers.ramp(m))
+
+    def dropped_into(out: torch.Tensor, i: int, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
+        d = _sub_into(out, experts[i][start:stop], b)
+        if not masks[i].drops_nothing:
+            d.mul_(keep(i, start, stop, scratch))  # d, or a zero
+        return d
 
     n = base.numel()
     mode = params["rescale"]
     if mode == "density":
         scales = [1.0 / d for d in densities]
     elif mode == "l1":  # match each task vector's L1 norm before and after the drop (mergekit's rescale_norm)
-        scales = []
-        for i, e in enumerate(experts):
-            before = after = 0.0
-            for start in range(0, n, 1 << 22):
-                stop = min(n, start + (1 << 22))
-                before += float(_delta(e, base, start, stop).abs().sum(dtype=torch.float64))
-                after += float(dropped(i, start, stop).abs().sum(dtype=torch.float64))
-            scales.append(before / after if after > 0 else 0.0)
+        prep = _Scratch(device)
+        before, after = [0.0] * len(experts), [0.0] * len(experts)
+        for start in range(0, n, _PREP_BLOCK):
+            stop = min(n, start + _PREP_BLOCK)
+            m = stop - start
+            b, d, mag = _load(prep("base", m), base[start:stop]), prep("d", m), prep("mag", m)
+            for i in range(len(experts)):
+                _sub_into(d, experts[i][start:stop], b)
+                before[i] += float(torch.abs(d, out=mag).sum(dtype=torch.float64))
+                if not masks[i].drops_nothing:
+                    mag.mul_(keep(i, start, stop, prep))
+                after[i] += float(mag.sum(dtype=torch.float64))
+        scales = [bf / af if af > 0 else 0.0 for bf, af in zip(before, after, strict=True)]
     else:
         scales = [1.0] * len(experts)
 
-    def deltas(start: int, stop: int) -> list[torch.Tensor]:
-        return [dropped(i, start, stop) * scales[i] for i in range(len(experts))]
+    def deltas(start: int, stop: int, b: torch.Tensor) -> list[torch.Tensor]:
+        m = stop - start
+        return [_scale_(dropped_into(scratch(("d", i), m), i, start, stop, b), scales[i]) for i in range(len(experts))]
 
     return deltas
 
@@ -169,11 +294,15 @@ def _dare_deltas(experts, base, params, seed, name) -> Callable[[int, int], list
     params=(DENSITY_DARE, LAMBDA, RESCALE, INT8_MASK),
 )
 def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
-    deltas = _dare_deltas(experts, base, params, seed, name)
+    scratch = _Scratch(base.device)
+    deltas = _dare_deltas(experts, base, params, seed, name, scratch)
     lam = params["lambda"]
 
     def kernel(start: int, stop: int) -> torch.Tensor:
-        return _f32(base, start, stop) + lam * _weighted_sum(deltas(start, stop), weights)
+        m = stop - start
+        b = _load(scratch("base", m), base[start:stop])
+        total = _weighted_sum_into(scratch("acc", m), scratch("tmp", m), deltas(start, stop, b), weights)
+        return _scale_(total, lam).add_(b)
 
     return kernel
 
@@ -185,10 +314,13 @@ def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
     params=(DENSITY_DARE, LAMBDA, RESCALE, DISJOINT_NORMALIZE, INT8_MASK),
 )
 def dare_ties(experts, base, weights, params, seed, name) -> Kernel:
-    deltas = _dare_deltas(experts, base, params, seed, name)
-    lam = params["lambda"]
+    scratch = _Scratch(base.device)
+    deltas = _dare_deltas(experts, base, params, seed, name, scratch)
+    lam, normalize = params["lambda"], params["normalize"]
 
     def kernel(start: int, stop: int) -> torch.Tensor:
-        return _f32(base, start, stop) + lam * _disjoint_mean(deltas(start, stop), weights, params["normalize"])
+        m = stop - start
+        b = _load(scratch("base", m), base[start:stop])
+        return _scale_(_disjoint_mean_(deltas(start, stop, b), weights, normalize, scratch, m), lam).add_(b)
 
     return kernel

@@ -2,9 +2,12 @@
 
 TIES keeps every entry whose magnitude is at least the k-th largest. mergekit finds it with a
 full argsort (O(n log n), several n-sized index buffers). Here a small random sample brackets
-the answer, two comparison passes count what lies above and inside the bracket, and an exact
-selection runs only on the few candidates inside it. If the bracket misses (adversarial data),
+the answer, one streamed pass counts what lies above the bracket and collects the few entries
+inside it, and an exact selection runs only on those. If the bracket misses (adversarial data),
 it falls back to torch.kthvalue on the whole tensor, so the answer is always exact.
+
+`Bracket` is the streamed form: the values never need to exist as one tensor, so TIES computes
+each chunk's magnitudes, feeds them, and lets them go.
 """
 
 from __future__ import annotations
@@ -24,19 +27,76 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if n <= _SMALL:
         return _kth_largest_select(values, k)
+    bracket = Bracket(n, k, values[sample_positions(n, k).to(values.device)])
+    step = 1 << 18
+    for start in range(0, n, step):
+        bracket.feed(values[start:start + step])
+    found = bracket.result()
+    return found if found is not None else _kth_largest_select(values, k)
+
+
+def sample_positions(n: int, k: int) -> torch.Tensor:
+    """The positions (int64, CPU, ascending) whose values bracket the k-th largest of n: a fixed
+    function of (n, k), so the answer never depends on the run. Ascending, so gathering them
+    walks memory forwards."""
     gen = torch.Generator(device="cpu").manual_seed(n * 31 + k)
-    idx = torch.randint(n, (_SAMPLE,), generator=gen).to(values.device)
-    sample = values[idx].sort(descending=True).values
-    pos = k / n * _SAMPLE
-    margin = 4.0 * math.sqrt(_SAMPLE * (k / n) * (1 - k / n)) + 32
-    hi = sample[max(0, int(pos - margin))]
-    lo = sample[min(_SAMPLE - 1, int(pos + margin))]
-    above = int(torch.count_nonzero(values > hi))
-    inside = (values >= lo) & (values <= hi)
-    n_inside = int(torch.count_nonzero(inside))
-    if above < k <= above + n_inside:
-        return _kth_largest_select(values[inside], k - above)
-    return _kth_largest_select(values, k)
+    return torch.randint(n, (_SAMPLE,), generator=gen).sort().values
+
+
+class Bracket:
+    """The k-th largest of n values seen chunk by chunk, in one pass, exactly (or None if the
+    sampled bracket missed it: then select on the whole tensor)."""
+
+    def __init__(self, n: int, k: int, sample: torch.Tensor):
+        """sample: the values at sample_positions(n, k), in any order."""
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be in [1, {n}], got {k}")
+        self.n, self.k = n, k
+        s = sample.numel()
+        pos = k / n * s
+        margin = 4.0 * math.sqrt(s * (k / n) * (1 - k / n)) + 32
+        # the i-th largest of the sample (0-based) is its (s - i)-th smallest
+        self.hi = float(torch.kthvalue(sample, s - max(0, int(pos - margin))).values)
+        self.lo = float(torch.kthvalue(sample, s - min(s - 1, int(pos + margin))).values)
+        self._above = 0.0
+        # Values inside the bracket, copied into one buffer that grows by doubling: short-lived
+        # selections freed at once, never small survivors between them, so the allocator can
+        # reuse (and return) the space instead of fragmenting it.
+        self._inside: torch.Tensor | None = None
+        self._n_inside = 0
+        self._bufs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def feed(self, chunk: torch.Tensor) -> None:
+        """The next chunk of values (float32, at most 2**24 of them)."""
+        m = chunk.numel()
+        if self._bufs is None or self._bufs[0].numel() < m:
+            dev = chunk.device
+            self._bufs = (torch.empty(m, device=dev), torch.empty(m, dtype=torch.bool, device=dev),
+                          torch.empty(m, dtype=torch.bool, device=dev))
+        f, a, b = (buf[:m] for buf in self._bufs)
+        # a count as a float sum of 0/1 (exact below 2**24): comparisons into bool cost more
+        self._above += float(torch.gt(chunk, self.hi, out=f).sum())
+        torch.ge(chunk, self.lo, out=a)
+        torch.le(chunk, self.hi, out=b)
+        a &= b
+        selected = torch.masked_select(chunk, a)
+        end = self._n_inside + selected.numel()
+        if self._inside is None or end > self._inside.numel():
+            grown = torch.empty(max(end, 2 * (0 if self._inside is None else self._inside.numel()), 1 << 16),
+                                device=chunk.device)
+            if self._n_inside:
+                grown[:self._n_inside] = self._inside[:self._n_inside]
+            self._inside = grown
+        self._inside[self._n_inside:end] = selected
+        self._n_inside = end
+
+    def result(self) -> torch.Tensor | None:
+        above = int(self._above)
+        inside = self._inside[:self._n_inside] if self._inside is not None else torch.empty(0)
+        self._inside, self._n_inside, self._bufs = None, 0, None
+        if above < self.k <= above + inside.numel():
+            return _kth_largest_select(inside, self.k - above)
+        return None
 
 
 def _kth_largest_select(values: torch.Tensor, k: int) -> torch.Tensor:
