@@ -66,3 +66,28 @@ def compare(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
     return {"cosine": cos, "max_abs_diff": max_abs, "max_abs_diff_tensor": where,
             "differing_fraction": differing / max(1, total),
             "rel_l2": math.sqrt(diff2) / math.sqrt(na) if na > 0 else float("nan"), "tensors": len(names)}
+
+
+def ties_threshold_stats(base_dir: Path, expert_dirs: list[Path], density: float, max_tensors: int = 6) -> dict:
+    """Why TIES outputs differ from mergekit's beyond arithmetic: on bf16 checkpoints, task-vector
+    magnitudes take few distinct values, so many entries tie with the k-th largest. mergeline keeps
+    every tied entry (k = round(density * n), ties included); mergekit's argsort keeps exactly
+    int(density * n), breaking ties arbitrarily. Measured on a few of the largest matrices."""
+    base = _Reader(base_dir)
+    experts = [_Reader(d) for d in expert_dirs]
+    names = sorted((n for n in base.map if n.endswith("weight")),
+                   key=lambda n: -base.get(n).numel())[:max_tensors]
+    tied = kept_ml = kept_mk = total = 0
+    for name in names:
+        b = base.get(name).float().reshape(-1)
+        n = b.numel()
+        for e in experts:
+            mag = (e.get(name).float().reshape(-1) - b).abs_()
+            k = min(n, max(1, round(density * n)))
+            thr = torch.kthvalue(mag, n - k + 1).values
+            tied += int((mag == thr).sum())
+            kept_ml += int((mag >= thr).sum())
+            kept_mk += max(1, int(density * n))
+            total += n
+    return {"tensors": names, "tied_fraction": tied / total, "kept_mergeline": kept_ml / total,
+            "kept_mergekit": kept_mk / total}

@@ -153,6 +153,12 @@ def _compare_table(size: dict) -> list[str]:
             + (f"{e['cosine']:.6f} | {e['max_abs_diff']:.3g} | {100 * e['differing_fraction']:.2f}% |" if e
                else "– | – | – |")
         )
+    ties = size["methods"].get("ties", {}).get("explain", {}).get("ties_at_threshold")
+    if ties:
+        out += ["", f"TIES on these bf16 checkpoints: {100 * ties['tied_fraction']:.2f}% of task-vector entries tie "
+                f"with the k-th largest magnitude (the {len(ties['tensors'])} largest matrices, every expert); "
+                f"mergeline keeps all of them ({100 * ties['kept_mergeline']:.2f}% of entries kept), mergekit's "
+                f"argsort exactly k ({100 * ties['kept_mergekit']:.2f}%)."]
     return out + [""]
 
 

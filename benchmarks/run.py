@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import checkpoints as ck
 from . import report
-from .compare import compare
+from .compare import compare, ties_threshold_stats
 from .measure import Measurement, run_measured
 from .prefect_env import PrefectServer, empty_flow
 from .recipes import DETERMINISTIC, METHODS, SEED, write_configs
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-scale", action="store_true", help="skip the run at twice the model size")
     p.add_argument("--scale-mergekit", action="store_true", help="run mergekit in the scale run too")
     p.add_argument("--no-explain", action="store_true",
-                   help="skip the extra mergekit float32 runs that explain output differences")
+                   help="skip what explains output differences (a mergekit float32 run, TIES threshold ties)")
     p.add_argument("--ephemeral", action="store_true",
                    help="time mergeline with Prefect's ephemeral API (no PREFECT_API_URL) instead of a local server")
     p.add_argument("--out-dir", default=None, help="where merged outputs go (default: /dev/shm if it has room)")
@@ -237,15 +237,19 @@ def bench_size(args, runner: Runner, base: Path, experts: list[Path], tag: str, 
             c = res["compare"]
             log(f"  {tag} {method:16s} outputs: task-vector cosine {c['cosine']:.6f}, "
                 f"max |diff| {c['max_abs_diff']:.3g}, {100 * c['differing_fraction']:.2f}% of weights differ")
-            if explain and method != "linear":
+            if explain and method == "task_arithmetic":  # mergekit computing in float32, like mergeline
                 m, fp_out = runner.mergekit_run(cfgs["mergekit_fp32"], f"{tag}-{method}-fp32")
                 res["explain"] = {"mergekit_fp32_vs_mergeline": compare(ml_out, fp_out, base),
-                                  "mergekit_fp32_vs_bf16": compare(fp_out, mk_out, base),
                                   "mergekit_fp32_run": _sample(m)}
                 e = res["explain"]["mergekit_fp32_vs_mergeline"]
                 log(f"  {tag} {method:16s} vs mergekit in float32: cosine {e['cosine']:.6f}, "
                     f"max |diff| {e['max_abs_diff']:.3g}, {100 * e['differing_fraction']:.2f}% differ")
                 shutil.rmtree(fp_out, ignore_errors=True)
+            if explain and method == "ties":
+                st = res["explain"] = {"ties_at_threshold": ties_threshold_stats(base, experts, 0.2)}
+                t = st["ties_at_threshold"]
+                log(f"  {tag} {method:16s} {100 * t['tied_fraction']:.2f}% of entries tie with the threshold: "
+                    f"mergeline keeps {100 * t['kept_mergeline']:.2f}%, mergekit {100 * t['kept_mergekit']:.2f}%")
         for out in (ml_out, mk_out):
             if out:
                 shutil.rmtree(out, ignore_errors=True)

@@ -4,7 +4,7 @@
     METHODS: name -> Method (description, needs_base, params with defaults)
 """
 
-from .merge import DEFAULT_CHUNK, merge_tensors
+from .merge import DEFAULT_CHUNK, GPU_CHUNK, default_chunk, merge_tensors
 from .registry import METHODS, Method, Param, get_method
 
-__all__ = ["DEFAULT_CHUNK", "METHODS", "Method", "Param", "get_method", "merge_tensors"]
+__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "METHODS", "Method", "Param", "default_chunk", "get_method", "merge_tensors"]

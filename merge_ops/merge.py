@@ -9,7 +9,12 @@ import torch
 from . import methods as _methods  # noqa: F401  (registers the methods)
 from .registry import get_method, resolve_params
 
-DEFAULT_CHUNK = 1 << 18  # elements per chunk: 1 MiB of float32, cache-sized; measured fastest
+DEFAULT_CHUNK = 1 << 18  # elements per chunk on CPU: 1 MiB of float32, cache-sized; measured fastest
+GPU_CHUNK = 1 << 24      # on an accelerator: big enough that kernel launches do not dominate
+
+
+def default_chunk(device: torch.device | str) -> int:
+    return DEFAULT_CHUNK if torch.device(device).type == "cpu" else GPU_CHUNK
 
 
 def merge_tensors(
@@ -21,7 +26,7 @@ def merge_tensors(
     seed: int = 0,
     name: str = "",
     out_dtype: torch.dtype | str | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK,
+    chunk_size: int | None | str = "auto",
     **params,
 ) -> torch.Tensor:
     """Merge one tensor across experts with `method` (see merge_ops.METHODS).
@@ -29,7 +34,8 @@ def merge_tensors(
     Computes in float32 whatever the input dtype; returns `out_dtype` if given, else the
     base's dtype (or the first expert's). `name` is the tensor's name in the checkpoint: it
     seeds the randomised methods, so the same merge gives the same bits anywhere.
-    `chunk_size=None` merges in one piece; any chunking gives identical output.
+    `chunk_size=None` merges in one piece, "auto" (the default) in chunks of DEFAULT_CHUNK
+    elements on CPU and GPU_CHUNK on an accelerator; any chunking gives identical output.
     """
     spec = get_method(method)
     where = f" (tensor {name!r})" if name else ""
@@ -44,10 +50,12 @@ def merge_tensors(
         raise ValueError(f"{method}: {len(weights)} weights given for {len(experts)} experts{where}")
     resolved = resolve_params(spec, params, len(experts))
     _check_tensors(experts, base, where)
-    if chunk_size is not None and chunk_size < 1:
+    reference = base if base is not None else experts[0]
+    if chunk_size == "auto":
+        chunk_size = default_chunk(reference.device)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive number of elements, got {chunk_size}")
 
-    reference = base if base is not None else experts[0]
     out = torch.empty(reference.numel(), dtype=_dtype(out_dtype) or reference.dtype, device=reference.device)
     flat_experts = [e.reshape(-1) for e in experts]
     flat_base = base.reshape(-1) if base is not None else None

@@ -33,7 +33,11 @@ DISJOINT_NORMALIZE = Param("normalize", True, "divide by the summed weights of t
 INT8_MASK = Param("int8_mask", False, "accepted for mergekit compatibility; no effect (masks are bool)")
 
 _NARROW = (torch.bfloat16, torch.float16, torch.float32)  # upcast to float32 exactly inside an op
-_PREP_BLOCK = 1 << 18  # elements per block of whole-tensor preparation passes (thresholds, L1 norms)
+
+
+def _prep_block(device: torch.device) -> int:
+    """Elements per block of the whole-tensor preparation passes (TIES thresholds, L1 norms)."""
+    return 1 << 18 if device.type == "cpu" else 1 << 24
 
 
 class _Scratch:
@@ -196,8 +200,9 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
         sample = (experts[i][positions[k]].to(torch.float32) - base_at[k]).abs_()
         brackets[i] = Bracket(n, k, sample)
     scratch = _Scratch(base.device)
-    for start in range(0, n, _PREP_BLOCK):
-        stop = min(n, start + _PREP_BLOCK)
+    block = _prep_block(base.device)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
         m = stop - start
         b = _load(scratch("base", m), base[start:stop])
         mag = scratch("mag", m)
@@ -265,8 +270,9 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
     elif mode == "l1":  # match each task vector's L1 norm before and after the drop (mergekit's rescale_norm)
         prep = _Scratch(device)
         before, after = [0.0] * len(experts), [0.0] * len(experts)
-        for start in range(0, n, _PREP_BLOCK):
-            stop = min(n, start + _PREP_BLOCK)
+        block = _prep_block(device)
+        for start in range(0, n, block):
+            stop = min(n, start + block)
             m = stop - start
             b, d, mag = _load(prep("base", m), base[start:stop]), prep("d", m), prep("mag", m)
             for i in range(len(experts)):
