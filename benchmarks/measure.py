@@ -1,9 +1,12 @@
 """Run one command as a child process and measure it: wall time, CPU time, peak RSS.
 
-Peak RSS is the kernel's ru_maxrss for that child (os.wait4 gives each child its own rusage), so
-every tool is measured the same way: the largest resident set of the process (or of any of its own
-children that it waited for). A sampler also polls /proc/<pid>/status for the peak anonymous
-memory (RssAnon), which leaves out pages of input files mapped into memory, for the record.
+Peak RSS is the kernel's ru_maxrss for the command (wait4 gives each child its own rusage), so
+every tool is measured the same way: the largest resident set of the process, file pages it
+maps included. Linux carries a process's peak over exec from the process that spawned it, so
+the command is started by a small launcher interpreter, never by this one: started from here,
+every command would report at least this process's own peak (it loads merged outputs to compare
+them). A sampler also polls /proc for the command's peak anonymous memory (RssAnon), which
+leaves out mapped input files and shared libraries, for the record.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ class Measurement:
         return d
 
 
+# Runs in `python -S`: spawn the command, wait for it, write its rusage as JSON to argv[1].
+_LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"wall": time.perf_counter() - t0, "cpu": ru.ru_utime + ru.ru_stime,
+               "maxrss": ru.ru_maxrss * 1024, "returncode": os.waitstatus_to_exitcode(status)}, f)
+"""
+
+
 def _rss_anon(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -44,41 +59,59 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
+def _child_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+        return int(kids[0]) if kids else None
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+
+
 def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, timeout: float | None = None,
                  sample_every: float = 0.05) -> Measurement:
-    """Run cmd to completion; stdout/stderr captured to temp files (no pipe back-pressure)."""
+    """Run cmd to completion through the launcher; stdout/stderr captured to temp files (no pipe
+    back-pressure). A command past its timeout is killed with its launcher (returncode -9)."""
+    import json
+    import signal
+    import sys
     import tempfile
 
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.TemporaryDirectory(prefix="bench-measure-") as tmp:
+        report = os.path.join(tmp, "rusage.json")
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, report, *cmd], env=env, cwd=cwd,
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
         peak_anon = 0
         done = threading.Event()
 
         def sample() -> None:
             nonlocal peak_anon
+            child = None
             while not done.is_set():
-                peak_anon = max(peak_anon, _rss_anon(proc.pid))
+                child = child or _child_of(proc.pid)
+                if child:
+                    peak_anon = max(peak_anon, _rss_anon(child))
                 done.wait(sample_every)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        deadline = None if timeout is None else t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if deadline is not None and time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.02)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         wall = time.perf_counter() - t0
         done.set()
         sampler.join()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            with open(report) as f:
+                usage = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):  # killed, or the launcher could not start it
+            usage = {"wall": wall, "cpu": 0.0, "maxrss": 0, "returncode": proc.returncode or -9}
         out.seek(0)
         err.seek(0)
-        return Measurement(cmd=list(cmd), returncode=proc.returncode, wall_s=wall,
-                           cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_bytes=usage.ru_maxrss * 1024,
-                           peak_anon_bytes=peak_anon, stdout=out.read(), stderr=err.read())
+        return Measurement(cmd=list(cmd), returncode=usage["returncode"], wall_s=usage["wall"],
+                           cpu_s=usage["cpu"], peak_rss_bytes=usage["maxrss"], peak_anon_bytes=peak_anon,
+                           stdout=out.read(), stderr=err.read())

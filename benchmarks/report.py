@@ -94,7 +94,8 @@ def _main_table(size: dict, r: dict) -> list[str]:
         f"Medians of {n} run(s) per tool, the tools alternating. *wall*: the whole command, process start to exit; "
         "*merge (in flow)*: mergeline's own plan + merge + commit timings, without interpreter start, imports and "
         "Prefect; *input GB/s*: checkpoint bytes read (linear reads the experts only) over wall time; "
-        "*speedup*: mergekit wall ÷ mergeline wall; *peak RSS*: the process's ru_maxrss.",
+        "*speedup*: mergekit wall ÷ mergeline wall; *peak RSS*: the process's ru_maxrss (file pages it maps "
+        "included; each command is started by a small launcher so it does not inherit the benchmark's own peak).",
     ]
     if "disk_linear" in size:
         d = size["disk_linear"]
@@ -194,6 +195,11 @@ def _scale_table(one: dict, two: dict) -> list[str]:
 def _fixed_costs(r: dict) -> list[str]:
     p = r.get("prefect", {})
     out = ["**Fixed costs** (not merge work):", ""]
+    st = r.get("startup", {})
+    if st:
+        tools = [f"{tool} {v['wall_s']:.1f} s" for tool, v in st.items()]
+        out.append("- Start-up before any work (interpreter, imports, exit), timed as the merge command's `--help`: "
+                   + ", ".join(tools) + ". Every wall time above includes it.")
     if "server" in p:
         s = p["server"]
         out.append(f"- An empty Prefect flow in a fresh interpreter, against the local Prefect server the timed runs "

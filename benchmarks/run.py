@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             prefect_env = server_ctx.env() if server_ctx else {}
             results["prefect"] = prefect_costs(prefect_env)
             runner = Runner(args, out_root, prefect_env)
+            results["startup"] = startup_costs(runner, with_mergekit)
             for tag, (s, base, experts) in data.items():
                 log(f"== {tag}: {s.describe()}")
                 floor = read_floor(ck.input_files([base, *experts]))
@@ -383,6 +384,19 @@ def prefect_costs(server_env: dict) -> dict:
     out["ephemeral"] = _flow_costs(samples[1:])
     out["ephemeral_first"] = _flow_costs(samples[:1])
     log(f"  empty flow with the ephemeral API: {out['ephemeral']['wall_s']:.1f} s")
+    return out
+
+
+def startup_costs(runner: Runner, with_mergekit: bool) -> dict:
+    """Each tool's start-up before any work (interpreter, imports, exit): its merge command's --help."""
+    cmds = {"mergeline": [*runner.mergeline, "merge", "--help"]}
+    if with_mergekit:
+        cmds["mergekit"] = [str(runner.mergekit), "--help"]
+    out = {}
+    for tool, cmd in cmds.items():
+        best = min((run_measured(cmd, timeout=600) for _ in range(2)), key=lambda m: m.wall_s)
+        out[tool] = {"wall_s": best.wall_s, "cpu_s": best.cpu_s, "peak_rss": best.peak_rss_bytes}
+        log(f"  start-up ({' '.join(Path(c).name for c in cmd[-3:])}): {best.wall_s:.1f} s")
     return out
 
 

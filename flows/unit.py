@@ -111,7 +111,7 @@ def unit_bytes(job: UnitJob) -> int:
 
 def memory_budget() -> int:
     """Bytes of tensors that the units merging at once in this process may hold together:
-    MERGELINE_MEMORY_BUDGET_MB (default 1024). A unit larger than the budget runs alone. Peak
+    MERGELINE_MEMORY_BUDGET_MB (default 512). A unit larger than the budget runs alone. Peak
     memory is then about the interpreter's own plus this, whatever the model size or --workers."""
     return int(float(os.environ.get("MERGELINE_MEMORY_BUDGET_MB", DEFAULT_MEMORY_BUDGET_MB)) * 2**20)
 

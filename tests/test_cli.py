@@ -1,0 +1,36 @@
+"""The `mergeline` console script as users run it: a separate process whose output is a pipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from storage.catalog import Catalog
+
+
+def _mergeline(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def test_output_is_flushed_and_status_kept_on_fast_exit(tmp_path):
+    catalog = tmp_path / "c.duckdb"
+    Catalog(catalog)  # created, empty
+    ok = _mergeline("catalog", "--catalog", str(catalog), "sql", "SELECT 42 AS answer", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == [{"answer": 42}]
+
+    bad = _mergeline("merge", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 2
+    assert "missing.yaml" in bad.stderr
+
+    usage = _mergeline("no-such-command")
+    assert usage.returncode == 2
+    assert "invalid choice" in usage.stderr
+
+
+def test_help_exits_zero():
+    r = _mergeline("--help")
+    assert r.returncode == 0
+    assert "merge" in r.stdout and "catalog" in r.stdout
