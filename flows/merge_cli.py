@@ -9,8 +9,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .recipe import load_recipe
-
 MERGE_EXAMPLE = """example:
   mergeline merge recipe.yaml --output s3://models/merged/soup-v1
   mergeline merge recipe.yaml --runner dask --address tcp://10.0.0.5:8786
@@ -57,6 +55,7 @@ def _mb(n: int) -> str:
 
 def _plan(args) -> int:
     from .plan import make_plan
+    from .recipe import load_recipe
 
     plan = make_plan(load_recipe(args.recipe, output=args.output))
     if args.json:
@@ -83,6 +82,7 @@ def _plan(args) -> int:
 
 def _merge(args) -> int:
     from . import merge_flow
+    from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, output=args.output)
     console = Console(stderr=True)
