@@ -198,8 +198,8 @@ def _fixed_costs(r: dict) -> list[str]:
     st = r.get("startup", {})
     if st:
         tools = [f"{tool} {v['wall_s']:.1f} s" for tool, v in st.items()]
-        out.append("- Start-up before any work (interpreter, imports, exit), timed as the merge command's `--help`: "
-                   + ", ".join(tools) + ". Every wall time above includes it.")
+        out.append("- Start-up before any work (interpreter and the imports a merge needs; mergekit timed as "
+                   "`mergekit-yaml --help`): " + ", ".join(tools) + ". Every wall time above includes it.")
     if "server" in p:
         s = p["server"]
         out.append(f"- An empty Prefect flow in a fresh interpreter, against the local Prefect server the timed runs "

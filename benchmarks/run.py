@@ -388,15 +388,17 @@ def prefect_costs(server_env: dict) -> dict:
 
 
 def startup_costs(runner: Runner, with_mergekit: bool) -> dict:
-    """Each tool's start-up before any work (interpreter, imports, exit): its merge command's --help."""
-    cmds = {"mergeline": [*runner.mergeline, "merge", "--help"]}
+    """Each tool's start-up before any work: the interpreter and the imports its merge needs.
+    mergekit-yaml --help imports all of mergekit; mergeline's --help imports neither torch nor
+    Prefect, so it is timed as importing its merge flow and layer task instead."""
+    cmds = {"mergeline": [sys.executable, "-c", "import os, flows.cli, flows.merge_flow, flows.unit; os._exit(0)"]}
     if with_mergekit:
         cmds["mergekit"] = [str(runner.mergekit), "--help"]
     out = {}
     for tool, cmd in cmds.items():
         best = min((run_measured(cmd, timeout=600) for _ in range(2)), key=lambda m: m.wall_s)
         out[tool] = {"wall_s": best.wall_s, "cpu_s": best.cpu_s, "peak_rss": best.peak_rss_bytes}
-        log(f"  start-up ({' '.join(Path(c).name for c in cmd[-3:])}): {best.wall_s:.1f} s")
+        log(f"  {tool} start-up: {best.wall_s:.1f} s")
     return out
 
 
