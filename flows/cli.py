@@ -27,9 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Prefect's ephemeral API starts in a subprocess; 20 s is too short on a busy 2-core machine.
+def prefect_defaults() -> None:
+    """Defaults for the Prefect API a command may start itself (a user's own settings win): 120 s
+    for the ephemeral server to answer (Prefect's 20 s is too short on a busy 2-core machine), and
+    no telemetry from it (offline machines log an ERROR for each failed send)."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    prefect_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     from botocore.exceptions import BotoCoreError, ClientError

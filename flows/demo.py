@@ -24,6 +24,8 @@ from rich.table import Table
 import storage
 from storage import s3
 
+from .cli import prefect_defaults
+
 METHOD_PARAMETERS = {  # the demo's settings; see docs/methods.md for what each means
     "linear": {},
     "task_arithmetic": {"lambda": 0.5},
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoo-tasks", help=argparse.SUPPRESS)  # reduced zoo for the test suite: "copy,upper"
     p.add_argument("--zoo-steps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    prefect_defaults()
     methods = [m for m in args.methods.split(",") if m]
     sizes = [int(n) for n in args.sizes.split(",") if n]
     unknown = [m for m in methods if m not in METHOD_PARAMETERS]

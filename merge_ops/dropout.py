@@ -4,10 +4,16 @@ A counter-based hash instead of a stateful generator: any chunk of any tensor ca
 its own, on any device, in any order, and gives the same bits as drawing the whole tensor at
 once. That is what makes a distributed or resumed merge bit-identical to a one-shot one.
 
+The draw for position j of a stream with keys (k1, k2) is one round of lowbias32:
+
+    lowbias32((((j mod 2**32) + k2) mod 2**32) ^ k1 ^ lowbias32(j >> 32))
+
+and lowbias32(0) == 0, so below 2**32 positions (every tensor there is) the inner term vanishes.
+
 Two implementations of the same function: `random_u32` (uint32 values held in int64, any
-position) and `DropMask` (the merge kernels' path: int32 lanes with wrap-around multiplication,
-emulated logical shifts and in-place operations on reused buffers, for positions below 2**31,
-about three times faster). Both give exactly the bits of the documented hash.
+position) and `DropMask` (the merge kernels' path: int32 lanes with wrap-around addition and
+multiplication, emulated logical shifts and in-place operations on reused buffers, for
+positions below 2**32, several times faster). Both give exactly the bits of the formula.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import hashlib
 import torch
 
 _M32 = 0xFFFFFFFF
-_I32_POSITIONS = 1 << 31  # positions the int32 path can hold
+_I32_POSITIONS = 1 << 32  # positions the int32 path can hold (j >> 32 == 0)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +45,10 @@ def random_u32(keys: tuple[int, int], start: int, stop: int, device: torch.devic
     """32-bit pseudo-random integers for element positions [start, stop) of one stream."""
     pos = torch.arange(start, stop, dtype=torch.int64, device=device)
     k1, k2 = keys
-    h = _mix32((pos & _M32) ^ k1)
-    return _mix32(h ^ (pos >> 32) ^ k2)
+    x = (((pos & _M32) + k2) & _M32) ^ k1
+    if stop > _I32_POSITIONS:  # lowbias32(0) == 0: below 2**32 the high part changes nothing
+        x ^= _mix32(pos >> 32)
+    return _mix32(x)
 
 
 def keep_threshold(density: float) -> int:
@@ -66,11 +74,11 @@ class DropMask:
     """Writes the *dropped* entries (the complement of keep_mask) of one stream into a bool buffer.
 
     The caller passes the work buffers, so a merge kernel draws every chunk without allocating.
-    Falls back to random_u32 for positions at or past 2**31.
+    Falls back to random_u32 for positions at or past 2**32.
     """
 
     def __init__(self, keys: tuple[int, int], density: float, device):
-        self.k1, self.k2 = _i32(keys[0]), _i32(keys[1])
+        self.k1 = _i32(keys[0])
         self.keys = keys
         self.threshold = keep_threshold(density)
         self.drops_nothing = self.threshold > _M32
@@ -102,13 +110,13 @@ class DropMask:
             return out.fill_(1.0)
         if stop > _I32_POSITIONS:
             return torch.lt(random_u32(self.keys, start, stop, self.device), self.threshold, out=out)
+        offset = _i32((start + self.keys[1]) & _M32)  # (j + k2) mod 2**32 for j = start
         if ramp is not None:
-            torch.add(ramp, start, out=h)
+            torch.add(ramp, offset, out=h)            # wraps mod 2**32 like the formula
         else:
-            torch.arange(start, stop, dtype=torch.int32, out=h)
-        h ^= self.k1          # (pos & 0xFFFFFFFF) ^ k1: positions here are below 2**31
-        self._mix32_(h, t)
-        h ^= self.k2          # ^ (pos >> 32) ^ k2, and pos >> 32 is 0
+            torch.arange(stop - start, dtype=torch.int32, out=h)
+            h += offset
+        h ^= self.k1
         self._mix32_(h, t)
         h ^= _SIGN            # unsigned order as signed order: flip the top bit on both sides
         return torch.lt(h, self.threshold - (1 << 31), out=out)

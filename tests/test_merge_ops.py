@@ -61,9 +61,13 @@ def _lowbias32(x: int) -> int:
 def ref_keep(seed: int, name: str, expert: int, position: int, density: float) -> bool:
     digest = hashlib.blake2b(f"{seed}\0{name}\0{expert}".encode(), digest_size=8).digest()
     k1, k2 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
-    h = _lowbias32((position & 0xFFFFFFFF) ^ k1)
-    h = _lowbias32(h ^ (position >> 32) ^ k2)
-    return h < int(density * 2**32)
+    return _ref_draw(k1, k2, position) < int(density * 2**32)
+
+
+def _ref_draw(k1: int, k2: int, position: int) -> int:
+    """The documented formula, in Python integers."""
+    m = 0xFFFFFFFF
+    return _lowbias32((((position & m) + k2) & m) ^ k1 ^ _lowbias32(position >> 32))
 
 
 def as_f64_lists(experts, base):
@@ -246,6 +250,23 @@ def test_dare_is_a_pure_function_of_seed_name_expert_position():
     assert torch.equal(run(seed=1, name="layers.0.w"), first)
     assert not torch.equal(run(seed=2, name="layers.0.w"), first)
     assert not torch.equal(run(seed=1, name="layers.1.w"), first)
+
+
+@pytest.mark.parametrize("k2", [0, 2**31 - 5, 2**32 - 5])
+@pytest.mark.parametrize("start", [0, 2**31 - 20, 2**32 - 20])
+def test_dare_draws_follow_the_formula_where_lanes_wrap(k2, start):
+    """The kernels' int32 lanes wrap (j + k2) past 2**31 and 2**32 exactly as the documented formula
+    does, and chunks reaching past 2**32 (the int64 path) follow it too."""
+    from merge_ops.dropout import DropMask, random_u32
+
+    k1, m, density = 0x9E3779B9, 64, 0.5
+    want = [_ref_draw(k1, k2, j) for j in range(start, start + m)]
+    assert random_u32((k1, k2), start, start + m).tolist() == want
+    expected = [1.0 if w < int(density * 2**32) else 0.0 for w in want]
+    mask = DropMask((k1, k2), density, "cpu")
+    for ramp in (None, torch.arange(m, dtype=torch.int32)):
+        h, t = torch.empty(m, dtype=torch.int32), torch.empty(m, dtype=torch.int32)
+        assert mask.keep_into(start, start + m, torch.empty(m), h, t, ramp).tolist() == expected
 
 
 def test_dare_same_bits_in_a_fresh_process(tmp_path):
