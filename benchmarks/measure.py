@@ -11,8 +11,12 @@ leaves out mapped input files and shared libraries, for the record.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -72,11 +76,6 @@ def run_measured(cmd: list[str], *, env: dict | None = None, cwd: str | None = N
                  sample_every: float = 0.05) -> Measurement:
     """Run cmd to completion through the launcher; stdout/stderr captured to temp files (no pipe
     back-pressure). A command past its timeout is killed with its launcher (returncode -9)."""
-    import json
-    import signal
-    import sys
-    import tempfile
-
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.TemporaryDirectory(prefix="bench-measure-") as tmp:
         report = os.path.join(tmp, "rusage.json")

@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from flows.serve import wait_for_api
 
 from .measure import Measurement, run_measured
 
@@ -61,19 +62,13 @@ class PrefectServer:
             [self.python, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
-        while time.perf_counter() - t0 < 300:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        self.startup_s = time.perf_counter() - t0
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.__exit__(None, None, None)
-        raise RuntimeError(f"prefect server did not answer on {self.url} within 300 s; see {self.log_path}")
+        try:
+            wait_for_api(self.proc, self.url, timeout=300)
+        except RuntimeError as exc:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"{exc}; see {self.log_path}") from None
+        self.startup_s = time.perf_counter() - t0
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:

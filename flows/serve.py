@@ -212,19 +212,30 @@ def _start_server(port: int) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
+    try:
+        wait_for_api(server, url, timeout=180)
+    except RuntimeError:
+        server.terminate()
+        raise
+    print(f"Prefect server up at {url} (UI at http://127.0.0.1:{port})", file=sys.stderr)
+    return server, url
+
+
+def wait_for_api(server: subprocess.Popen, url: str, timeout: float) -> None:
+    """Wait until the Prefect API at `url` (started as `server`) answers /health; RuntimeError if
+    the server exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"prefect server exited with status {server.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
-                    print(f"Prefect server up at {url} (UI at http://127.0.0.1:{port})", file=sys.stderr)
-                    return server, url
+                    return
         except OSError:
-            time.sleep(1)
-    server.terminate()
-    raise RuntimeError("prefect server did not answer /api/health within 180 s")
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"prefect server did not answer {url}/health within {timeout:.0f} s")
 
 
 class FlowFailed(ValueError):

@@ -56,10 +56,15 @@ class UnitJob:
         return cls(unit, tuple(plan.experts), base, r.method, r.parameters, r.weights, r.seed,
                    tuple(plan.specs(unit)), staging, plan.device)
 
+    @property
+    def sources(self) -> list[Checkpoint]:
+        """Every checkpoint the unit reads: the experts, then the base if the method uses it."""
+        return [*self.experts, *([self.base] if self.base else [])]
+
     def cache_key(self) -> str:
         """Everything that determines the shard's bytes, and where it is staged."""
         inputs = []
-        for ckpt in (*self.experts, *([self.base] if self.base else [])):
+        for ckpt in self.sources:
             files = {ckpt.tensors[n].file for n in self.unit.tensors}
             inputs.append({
                 "files": {f: ckpt.files[f].as_dict() for f in sorted(files)},
@@ -82,7 +87,7 @@ def run_unit(job: UnitJob) -> dict:
     `merge_threads()` intra-op threads for its CPU merges.
     """
     names = job.unit.tensors
-    sources = [*job.experts, *([job.base] if job.base else [])]
+    sources = job.sources
     with _budget.reserve(unit_bytes(job)), \
             ShardWriter(job.staging, job.unit.shard, list(job.specs)) as writer, \
             ThreadPoolExecutor(max_workers=1) as prefetch:
@@ -102,7 +107,7 @@ def run_unit(job: UnitJob) -> dict:
 def unit_bytes(job: UnitJob) -> int:
     """Memory a unit holds at its peak: one tensor's inputs and output, the next tensor's inputs
     (prefetched), and merge_ops' chunk-sized scratch."""
-    sources = [*job.experts, *([job.base] if job.base else [])]
+    sources = job.sources
     inputs = [sum(c.tensors[n].nbytes for c in sources) for n in job.unit.tensors]
     outputs = [dtype.itemsize * sources[0].tensors[n].numel for n, dtype, _ in job.specs]
     nxt = inputs[1:] + [0]
