@@ -207,6 +207,29 @@ def test_topk_bracket_falls_back_exactly_on_adversarial_data():
         assert kth_largest(values, k) == expected
 
 
+def test_topk_bracket_is_exact_on_tied_and_continuous_magnitudes():
+    # bf16 deltas take few distinct values, so the k-th largest sits in a run of ties; the
+    # bracket test works on bit patterns, so check it against a sort on both kinds of data
+    from merge_ops.topk import kth_largest
+
+    gen = torch.Generator().manual_seed(11)
+    base = (torch.randn(700_000, generator=gen) * 0.02).to(torch.bfloat16)
+    expert = (base.float() + torch.randn(700_000, generator=gen) * 0.002).to(torch.bfloat16)
+    tied = (expert.float() - base.float()).abs()
+    continuous = torch.randn(700_000, generator=gen).abs()
+    for values in (tied, continuous):
+        ranked = torch.sort(values, descending=True).values
+        for k in (1, 7_000, 140_000, 350_001, 699_999, 700_000):
+            assert kth_largest(values, k) == ranked[k - 1], k
+
+
+def test_topk_rejects_negative_values():
+    from merge_ops.topk import kth_largest
+
+    with pytest.raises(ValueError, match="non-negative"):
+        kth_largest(torch.tensor([1.0, -2.0, 3.0]), 1)
+
+
 # ---------------------------------------------------------------- chunking, dtypes, determinism
 
 ALL = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
