@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.checkpoints import parse_count  # noqa: E402
 from merge_ops import merge_tensors  # noqa: E402
 
 METHODS = {
@@ -52,12 +53,6 @@ def shapes(params: int) -> list[tuple[str, tuple[int, int]]]:
             total += s[0] * s[1]
         n += 1
     return out
-
-
-def parse_count(text: str) -> int:
-    s = text.strip().upper()
-    mult = {"K": 10**3, "M": 10**6, "B": 10**9}.get(s[-1:], 1)
-    return int(float(s.rstrip("KMB")) * mult)
 
 
 def main() -> int:
@@ -110,7 +105,7 @@ def main() -> int:
         kw = METHODS[method]
         row = {}
         for label, fn in (("gpu", run_gpu), ("host", run_host)):
-            merge_tensors(method, tensors[1][2], tensors[1][1], name="warmup", **kw)  # compile/caches
+            merge_tensors(method, tensors[-1][2], tensors[-1][1], name="warmup", **kw)  # compile/caches
             sync()
             best = float("inf")
             if cuda:
