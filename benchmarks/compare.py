@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from merge_ops.topk import keep_count
+
 
 def _files(model_dir: Path) -> dict[str, Path]:
     model_dir = Path(model_dir)
@@ -83,7 +85,7 @@ def ties_threshold_stats(base_dir: Path, expert_dirs: list[Path], density: float
         n = b.numel()
         for e in experts:
             mag = (e.get(name).float().reshape(-1) - b).abs_()
-            k = min(n, max(1, round(density * n)))
+            k = keep_count(density, n)
             thr = torch.kthvalue(mag, n - k + 1).values
             tied += int((mag == thr).sum())
             kept_ml += int((mag >= thr).sum())

@@ -71,7 +71,7 @@ _SIGN = _i32(0x80000000)
 
 
 class DropMask:
-    """Writes the *dropped* entries (the complement of keep_mask) of one stream into a bool buffer.
+    """Writes keep_mask of one stream as 1.0 / 0.0 into a float32 buffer (what the kernels multiply by).
 
     The caller passes the work buffers, so a merge kernel draws every chunk without allocating.
     Falls back to random_u32 for positions at or past 2**32.

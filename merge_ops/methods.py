@@ -181,10 +181,8 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
     if not todo:
         return out
     if n <= _SMALL:
-        b = base.to(torch.float32)
         for i in todo:
-            mag = (experts[i].to(torch.float32) - b).abs_()
-            out[i] = float(_kth_largest_select(mag, keep_count(densities[i], n)))
+            out[i] = _whole_tensor_threshold(experts[i], base, keep_count(densities[i], n))
         return out
 
     # Experts with the same density share the sample positions (a function of n and k), and
@@ -210,12 +208,14 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
             brackets[i].feed(_sub_into(mag, experts[i][start:stop], b).abs_())
     for i in todo:
         found = brackets[i].result()
-        if found is None:  # the sampled bracket missed: select on the whole tensor
-            mag = (experts[i].to(torch.float32) - base.to(torch.float32)).abs_()
-            found = _kth_largest_select(mag, brackets[i].k)
-            del mag
-        out[i] = float(found)
+        # the sampled bracket missed: select on the whole tensor
+        out[i] = float(found) if found is not None else _whole_tensor_threshold(experts[i], base, brackets[i].k)
     return out
+
+
+def _whole_tensor_threshold(expert: torch.Tensor, base: torch.Tensor, k: int) -> float:
+    """The k-th largest |expert - base|, selected on the whole tensor (small tensors, or a missed bracket)."""
+    return float(_kth_largest_select((expert.to(torch.float32) - base.to(torch.float32)).abs_(), k))
 
 
 @register(
