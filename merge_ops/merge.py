@@ -6,15 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import methods as _methods  # noqa: F401  (registers the methods)
+from .methods import DEFAULT_CHUNK, GPU_CHUNK, default_chunk  # importing methods registers them
 from .registry import get_method, resolve_params
 
-DEFAULT_CHUNK = 1 << 18  # elements per chunk on CPU: 1 MiB of float32, cache-sized; measured fastest
-GPU_CHUNK = 1 << 24      # on an accelerator: big enough that kernel launches do not dominate
-
-
-def default_chunk(device: torch.device | str) -> int:
-    return DEFAULT_CHUNK if torch.device(device).type == "cpu" else GPU_CHUNK
+__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "default_chunk", "merge_tensors"]
 
 
 def merge_tensors(
