@@ -59,8 +59,8 @@ class Bracket:
         pos = k / n * s
         margin = 4.0 * math.sqrt(s * (k / n) * (1 - k / n)) + 32
         # the i-th largest of the sample (0-based) is its (s - i)-th smallest
-        self.hi = float(torch.kthvalue(sample, s - max(0, int(pos - margin))).values)
-        self.lo = float(torch.kthvalue(sample, s - min(s - 1, int(pos + margin))).values)
+        self.hi = float(_kth_smallest(sample, s - max(0, int(pos - margin))))
+        self.lo = float(_kth_smallest(sample, s - min(s - 1, int(pos + margin))))
         # Non-negative floats order like their bit patterns read as int32, so "lo <= v <= hi" is
         # one integer distance test: |bits(v) - mid| <= half, with lo widened by one pattern where
         # needed to make the width even. Three cheap int ops, where float compares into bool
@@ -108,7 +108,15 @@ class Bracket:
 
 
 def _kth_largest_select(values: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.kthvalue(values, values.numel() - k + 1).values
+    return _kth_smallest(values, values.numel() - k + 1)
+
+
+def _kth_smallest(values: torch.Tensor, j: int) -> torch.Tensor:
+    """The j-th smallest (1-based) of a 1-D tensor. Quickselect on CPU; a sort elsewhere, because
+    CUDA's kthvalue selects with one thread block per slice, while its sort uses the whole GPU."""
+    if values.device.type == "cpu":
+        return torch.kthvalue(values, j).values
+    return torch.sort(values).values[j - 1]
 
 
 def keep_count(density: float, n: int) -> int:

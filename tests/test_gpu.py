@@ -36,11 +36,19 @@ def _params(method: str, density: float) -> dict:
     return {k: density if k == "density" else v for k, v in PARAMS[method].items()}
 
 
+def _cases(method: str):
+    """Integer-valued inputs make the sign election tie exactly; DARE's 1/density rescale then
+    rounds, and a tie falls either way (in the float64 reference too), so DARE gets continuous
+    values only, as in test_merge_ops."""
+    if method.startswith("dare"):
+        return merge_case()
+    return st.one_of(merge_case(), merge_case(integer_valued=True))
+
+
 @SETTINGS
-@given(st.one_of(merge_case(), merge_case(integer_valued=True)), st.sampled_from(sorted(PARAMS)),
-       st.integers(0, 5))
-def test_cuda_merges_match_the_slow_reference(case, method, seed):
-    experts, base, weights, density = case
+@given(st.sampled_from(sorted(PARAMS)).flatmap(lambda m: st.tuples(st.just(m), _cases(m))), st.integers(0, 5))
+def test_cuda_merges_match_the_slow_reference(method_case, seed):
+    method, (experts, base, weights, density) = method_case
     got = merge_tensors(method, [e.cuda() for e in experts], base.cuda(), weights=weights, seed=seed,
                         name="w", out_dtype=torch.float32, **_params(method, density))
     assert got.is_cuda
