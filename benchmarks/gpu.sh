@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Run mergeline's merge kernels on a CUDA GPU and report GB/s merged per method (for docs/benchmarks.md).
+# Check mergeline's GPU path and time its merge kernels on a CUDA GPU (for docs/benchmarks.md).
 #   bash benchmarks/gpu.sh [--params 1B] [--experts 4] [--repeats 3]
-# Needs no network and no Prefect: merge_ops is pure torch. Uses the first Python that has a CUDA
-# torch: $PYTHON, .venv/bin/python, python3, python; if none has, tries `make setup` and the venv
-# again. Results: $OUT (or .bench/) gpu-results.md and gpu-results.json.
+# First runs tests/test_gpu.py (CUDA against the slow reference and the CPU) where boto3, pyyaml,
+# hypothesis and pytest import; then benchmarks/gpu.py, which reports GB/s merged per method.
+# Needs no network and no Prefect. Uses the first Python that has a CUDA torch: $PYTHON,
+# .venv/bin/python, python3, python; if none has, tries `make setup` and the venv again.
+# Results: $OUT (or .bench/) gpu-results.md and gpu-results.json. Exits non-zero if a test fails.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -12,7 +14,15 @@ run_with_cuda_python() {
         [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 || continue
         if "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
             echo "using $py: $("$py" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))')"
-            exec "$py" benchmarks/gpu.py "$@"
+            tests=0
+            if "$py" -c 'import boto3, yaml, hypothesis, pytest' >/dev/null 2>&1; then
+                PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$py" -m pytest tests/test_gpu.py --noconftest -q \
+                    -p no:cacheprovider || tests=$?
+            else
+                echo "skipping tests/test_gpu.py: it needs boto3, pyyaml, hypothesis and pytest" >&2
+            fi
+            "$py" benchmarks/gpu.py "$@" || exit
+            exit "$tests"
         fi
     done
 }
