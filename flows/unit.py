@@ -106,12 +106,16 @@ def run_unit(job: UnitJob) -> dict:
 
 def unit_bytes(job: UnitJob) -> int:
     """Memory a unit holds at its peak: one tensor's inputs and output, the next tensor's inputs
-    (prefetched), and merge_ops' chunk-sized scratch."""
+    (prefetched), merge_ops' chunk-sized scratch, and one bit per element and expert (the draws
+    DARE's L1 rescale keeps between its passes; at most 1/16 of the experts' bf16 bytes, so
+    counted for every method)."""
     sources = job.sources
     inputs = [sum(c.tensors[n].nbytes for c in sources) for n in job.unit.tensors]
-    outputs = [dtype.itemsize * sources[0].tensors[n].numel for n, dtype, _ in job.specs]
+    numels = [sources[0].tensors[n].numel for n in job.unit.tensors]
+    outputs = [dtype.itemsize * numel for (_, dtype, _), numel in zip(job.specs, numels, strict=True)]
+    kept_bits = [len(job.experts) * ((numel + 7) // 8) for numel in numels]
     nxt = inputs[1:] + [0]
-    return max(i + o + p for i, o, p in zip(inputs, outputs, nxt, strict=True)) + _SCRATCH_BYTES
+    return max(map(sum, zip(inputs, outputs, nxt, kept_bits, strict=True))) + _SCRATCH_BYTES
 
 
 def memory_budget() -> int:

@@ -10,16 +10,19 @@ The draw for position j of a stream with keys (k1, k2) is one round of lowbias32
 
 and lowbias32(0) == 0, so below 2**32 positions (every tensor there is) the inner term vanishes.
 
-Two implementations of the same function: `random_u32` (uint32 values held in int64, any
-position) and `DropMask` (the merge kernels' path: int32 lanes with wrap-around addition and
-multiplication, emulated logical shifts and in-place operations on reused buffers, for
-positions below 2**32, several times faster). Both give exactly the bits of the formula.
+Three implementations of the same function, all giving exactly the bits of the formula:
+`random_u32` (uint32 values held in int64, any position, any device), and the merge kernels'
+`DropMask`, for positions below 2**32, on reused buffers: numpy's native uint32 operations on
+CPU (in place, bool output: 1.3 ns per draw against 2.0 for torch's int32 lanes on the benchmark
+machine), and torch int32 lanes with wrap-around arithmetic and emulated logical shifts on an
+accelerator. `KeptBits` keeps one stream's decisions as packed bits for a second pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -77,6 +80,8 @@ class DropMask:
     Falls back to random_u32 for positions at or past 2**32.
     """
 
+    _U32 = tuple(np.uint32(v) for v in (0x7FEB352D, 0x846CA68B))
+
     def __init__(self, keys: tuple[int, int], density: float, device):
         self.k1 = _i32(keys[0])
         self.keys = keys
@@ -100,14 +105,21 @@ class DropMask:
         x ^= t
 
     def keep_into(self, start: int, stop: int, out: torch.Tensor, h: torch.Tensor, t: torch.Tensor,
-                  ramp: torch.Tensor | None = None) -> torch.Tensor:
+                  ramp: torch.Tensor | None = None, record: KeptBits | None = None) -> torch.Tensor:
         """out[j] = 1.0 where entry start + j survives, else 0.0 (out: float32); returns out.
 
         h, t: int32 work buffers of stop - start elements (shared by the experts of a merge);
-        ramp: optionally int32 0 .. stop - start - 1, kept by the caller (cheaper than an arange).
+        ramp: optionally int32 0 .. stop - start - 1, kept by the caller (cheaper than an arange);
+        record: also store the decisions there (CPU only).
         """
         if self.drops_nothing:
             return out.fill_(1.0)
+        if out.device.type == "cpu":
+            keep = self._keep_cpu(start, stop, h, t, ramp)
+            if record is not None:
+                record.store(start, keep)
+            np.copyto(out.numpy(), keep)
+            return out
         if stop > _I32_POSITIONS:
             return torch.lt(random_u32(self.keys, start, stop, self.device), self.threshold, out=out)
         offset = _i32((start + self.keys[1]) & _M32)  # (j + k2) mod 2**32 for j = start
@@ -120,3 +132,42 @@ class DropMask:
         self._mix32_(h, t)
         h ^= _SIGN            # unsigned order as signed order: flip the top bit on both sides
         return torch.lt(h, self.threshold - (1 << 31), out=out)
+
+    def _keep_cpu(self, start: int, stop: int, h: torch.Tensor, t: torch.Tensor,
+                  ramp: torch.Tensor | None) -> np.ndarray:
+        """The decisions as a numpy bool array, a view of t's memory (valid until t is reused)."""
+        m = stop - start
+        keep = t.numpy().view(np.bool_)[:m]
+        if stop > _I32_POSITIONS:
+            return np.less(random_u32(self.keys, start, stop).numpy(), self.threshold, out=keep)
+        x, s = h.numpy().view(np.uint32), t.numpy().view(np.uint32)
+        offset = np.uint32((start + self.keys[1]) & _M32)
+        ramp = ramp.numpy().view(np.uint32) if ramp is not None else np.arange(m, dtype=np.uint32)
+        np.add(ramp, offset, out=x)  # wraps mod 2**32 like the formula
+        np.bitwise_xor(x, np.uint32(self.keys[0]), out=x)
+        mul1, mul2 = self._U32
+        for shift, mul in ((16, mul1), (15, mul2), (16, None)):  # lowbias32, uint32 wrap-around
+            np.bitwise_xor(x, np.right_shift(x, shift, out=s), out=x)
+            if mul is not None:
+                np.multiply(x, mul, out=x)
+        return np.less(x, np.uint32(self.threshold), out=keep)
+
+
+class KeptBits:
+    """One stream's keep decisions over a whole tensor, one bit per element (n / 8 bytes): drawn
+    once in a pre-pass (DARE's L1 rescale), read back by the merge pass instead of drawn again."""
+
+    def __init__(self, n: int):
+        self.bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+
+    def store(self, start: int, keep: np.ndarray) -> None:
+        if start % 8:
+            raise ValueError(f"KeptBits.store: start {start} is not a multiple of 8")
+        self.bits[start // 8:start // 8 + (keep.size + 7) // 8] = np.packbits(keep)
+
+    def load_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """out[j] = 1.0 where entry start + j survives, else 0.0 (out: float32 on CPU); returns out."""
+        first = start // 8
+        bits = np.unpackbits(self.bits[first:(stop + 7) // 8])
+        np.copyto(out.numpy(), bits[start - 8 * first:stop - 8 * first])
+        return out

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .dropout import DropMask, stream_keys
+from .dropout import DropMask, KeptBits, stream_keys
 from .registry import Param, register
 from .topk import _SMALL, Bracket, _kth_largest_select, keep_count, sample_positions
 
@@ -255,12 +255,15 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
     densities = params["density"]
     device = base.device
     masks = [DropMask(stream_keys(seed, name, i), densities[i], device) for i in range(len(experts))]
+    kept: list[KeptBits | None] = [None] * len(experts)  # decisions a pre-pass drew, to reuse
 
-    def keep(i: int, start: int, stop: int, buffers: _Scratch) -> torch.Tensor:
+    def keep(i: int, start: int, stop: int, buffers: _Scratch, record: KeptBits | None = None) -> torch.Tensor:
         """1.0 where entry survives, 0.0 where it is dropped (float32)."""
         m = stop - start
+        if kept[i] is not None:
+            return kept[i].load_into(start, stop, buffers("keep", m))
         return masks[i].keep_into(start, stop, buffers("keep", m), buffers("h", m, torch.int32),
-                                  buffers("t", m, torch.int32), buffers.ramp(m))
+                                  buffers("t", m, torch.int32), buffers.ramp(m), record)
 
     def dropped_into(out: torch.Tensor, i: int, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
         d = _sub_into(out, experts[i][start:stop], b)
@@ -275,6 +278,9 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
     elif mode == "l1":  # match each task vector's L1 norm before and after the drop (mergekit's rescale_norm)
         prep = _Scratch(device)
         before, after = [0.0] * len(experts), [0.0] * len(experts)
+        # On CPU the draws are kept (n / 8 bytes per expert) for the merge pass: reading them back
+        # costs a tenth of drawing them again.
+        record = [KeptBits(n) if device.type == "cpu" and not mask.drops_nothing else None for mask in masks]
         block = default_chunk(device)
         for start in range(0, n, block):
             stop = min(n, start + block)
@@ -284,8 +290,9 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
                 _sub_into(d, experts[i][start:stop], b)
                 before[i] += float(torch.abs(d, out=mag).sum(dtype=torch.float64))
                 if not masks[i].drops_nothing:
-                    mag.mul_(keep(i, start, stop, prep))
+                    mag.mul_(keep(i, start, stop, prep, record[i]))
                 after[i] += float(mag.sum(dtype=torch.float64))
+        kept[:] = record
         scales = [bf / af if af > 0 else 0.0 for bf, af in zip(before, after, strict=True)]
     else:
         scales = [1.0] * len(experts)

@@ -94,11 +94,18 @@ def reference(method, experts, base, weights, seed=0, name="", **p):
     elif method == "ties":
         trimmed = [ref_trim(col, d) for col, d in zip(cols, densities)]
         mixed = ref_elect_mean(trimmed, weights, p.get("normalize", True))
-    else:  # dare_linear / dare_ties, rescale by 1/density
-        dropped = [
-            [c / d if ref_keep(seed, name, i, j, d) else 0.0 for j, c in enumerate(col)]
+    else:  # dare_linear / dare_ties: survivors rescaled by 1/density, or with rescale="l1" by
+        # the ratio of the task vector's L1 norm before and after the drop
+        kept = [
+            [c if ref_keep(seed, name, i, j, d) else 0.0 for j, c in enumerate(col)]
             for i, (col, d) in enumerate(zip(cols, densities))
         ]
+        if p.get("rescale", True) == "l1":
+            norms = [(sum(abs(c) for c in col), sum(abs(c) for c in k)) for col, k in zip(cols, kept)]
+            scales = [before / after if after > 0 else 0.0 for before, after in norms]
+        else:
+            scales = [1 / d for d in densities]
+        dropped = [[c * s for c in k] for k, s in zip(kept, scales)]
         if method == "dare_linear":
             mixed = [sum(w * col[j] for col, w in zip(dropped, weights)) for j in range(len(b))]
         else:
@@ -176,12 +183,14 @@ def test_ties_per_expert_density(case, seed):
 
 
 @SETTINGS
-@given(merge_case(), st.sampled_from(["dare_linear", "dare_ties"]), st.integers(0, 5), st.text(max_size=8))
-def test_dare_matches_reference(case, method, seed, name):
+@given(merge_case(), st.sampled_from(["dare_linear", "dare_ties"]), st.integers(0, 5), st.text(max_size=8),
+       st.sampled_from([True, "l1"]))
+def test_dare_matches_reference(case, method, seed, name, rescale):
     experts, base, weights, density = case
     got = merge_tensors(method, experts, base, weights=weights, density=density, seed=seed, name=name,
-                        out_dtype=torch.float32)
-    assert_close(got, reference(method, experts, base, weights, seed=seed, name=name, density=density))
+                        rescale=rescale, out_dtype=torch.float32)
+    want = reference(method, experts, base, weights, seed=seed, name=name, density=density, rescale=rescale)
+    assert_close(got, want)
 
 
 def test_ties_threshold_exact_on_large_tensor():
@@ -236,10 +245,12 @@ ALL = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 
 
 @settings(max_examples=40, deadline=None)
-@given(merge_case(), st.sampled_from(ALL), st.integers(1, 50))
-def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk):
+@given(merge_case(), st.sampled_from(ALL), st.integers(1, 50), st.sampled_from([True, "l1"]))
+def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk, rescale):
     experts, base, weights, density = case
     params = {} if method in ("linear", "task_arithmetic") else {"density": density}
+    if method.startswith("dare"):
+        params["rescale"] = rescale  # l1: the merge pass reads the pre-pass's draws back at any offset
     whole = merge_tensors(method, experts, base, weights=weights, chunk_size=None, name="w", **params)
     chunked = merge_tensors(method, experts, base, weights=weights, chunk_size=chunk, name="w", **params)
     assert torch.equal(whole, chunked)
@@ -338,6 +349,27 @@ def test_dare_l1_rescale_preserves_each_task_vectors_l1_norm():
     plain = merge_tensors("dare_linear", [expert], base, density=0.3, rescale="none")
     kept = plain != base
     assert torch.allclose(plain[kept], expert[kept])
+
+
+@pytest.mark.parametrize("chunk", [None, 1000, 4099])
+def test_dare_l1_on_several_prepass_blocks_follows_the_formula(chunk):
+    """Longer than the L1 pre-pass's block, not a multiple of 8, one expert that drops nothing:
+    the draws the pre-pass keeps are the formula's, wherever the merge's chunks start."""
+    from merge_ops import DEFAULT_CHUNK
+    from merge_ops.dropout import keep_mask, stream_keys
+
+    n, densities, weights = 2 * DEFAULT_CHUNK + 13, [0.1, 0.45, 1.0], [1.0, 0.5, 2.0]
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(n, generator=gen)
+    experts = [base + torch.randn(n, generator=gen) * 0.1 for _ in densities]
+    got = merge_tensors("dare_linear", experts, base, weights=weights, density=densities, rescale="l1",
+                        seed=4, name="t", chunk_size=chunk, out_dtype=torch.float64)
+    want = base.double().clone()
+    for i, (e, d, w) in enumerate(zip(experts, densities, weights)):
+        delta = e.double() - base.double()
+        kept = delta * keep_mask(stream_keys(4, "t", i), 0, n, d)
+        want += w * kept * (delta.abs().sum() / kept.abs().sum())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- registry and errors
