@@ -15,7 +15,7 @@ Three implementations of the same function, all giving exactly the bits of the f
 `DropMask`, for positions below 2**32, on reused buffers: numpy's native uint32 operations on
 CPU (in place, bool output: 1.3 ns per draw against 2.0 for torch's int32 lanes on the benchmark
 machine), and torch int32 lanes with wrap-around arithmetic and emulated logical shifts on an
-accelerator. `KeptBits` keeps one stream's decisions as packed bits for a second pass.
+accelerator (see merge_ops.kernels). `KeptBits` keeps one stream's decisions as packed bits for a second pass.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import hashlib
 
 import numpy as np
 import torch
+
+from . import kernels
 
 _M32 = 0xFFFFFFFF
 _I32_POSITIONS = 1 << 32  # positions the int32 path can hold (j >> 32 == 0)
@@ -110,16 +112,18 @@ class DropMask:
 
         h, t: int32 work buffers of stop - start elements (shared by the experts of a merge);
         ramp: optionally int32 0 .. stop - start - 1, kept by the caller (cheaper than an arange);
-        record: also store the decisions there (CPU only).
+        record: also store the decisions there (numpy path only: see merge_ops.kernels).
         """
         if self.drops_nothing:
             return out.fill_(1.0)
-        if out.device.type == "cpu":
-            keep = self._keep_cpu(start, stop, h, t, ramp)
+        if kernels.numpy_on(out.device):
+            keep = self._keep_numpy(start, stop, h, t, ramp)
             if record is not None:
                 record.store(start, keep)
             np.copyto(out.numpy(), keep)
             return out
+        if record is not None:
+            raise ValueError("DropMask: decisions are recorded on the numpy path only")
         if stop > _I32_POSITIONS:
             return torch.lt(random_u32(self.keys, start, stop, self.device), self.threshold, out=out)
         offset = _i32((start + self.keys[1]) & _M32)  # (j + k2) mod 2**32 for j = start
@@ -133,7 +137,7 @@ class DropMask:
         h ^= _SIGN            # unsigned order as signed order: flip the top bit on both sides
         return torch.lt(h, self.threshold - (1 << 31), out=out)
 
-    def _keep_cpu(self, start: int, stop: int, h: torch.Tensor, t: torch.Tensor,
+    def _keep_numpy(self, start: int, stop: int, h: torch.Tensor, t: torch.Tensor,
                   ramp: torch.Tensor | None) -> np.ndarray:
         """The decisions as a numpy bool array, a view of t's memory (valid until t is reused)."""
         m = stop - start

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import kernels
 from .dropout import DropMask, KeptBits, stream_keys
 from .registry import Param, register
 from .topk import _SMALL, Bracket, _kth_largest_select, keep_count, sample_positions
@@ -278,9 +279,9 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
     elif mode == "l1":  # match each task vector's L1 norm before and after the drop (mergekit's rescale_norm)
         prep = _Scratch(device)
         before, after = [0.0] * len(experts), [0.0] * len(experts)
-        # On CPU the draws are kept (n / 8 bytes per expert) for the merge pass: reading them back
-        # costs a tenth of drawing them again.
-        record = [KeptBits(n) if device.type == "cpu" and not mask.drops_nothing else None for mask in masks]
+        # On the numpy path (CPU) the draws are kept, n / 8 bytes per expert, for the merge pass:
+        # reading them back costs a tenth of drawing them again.
+        record = [KeptBits(n) if kernels.numpy_on(device) and not mask.drops_nothing else None for mask in masks]
         block = default_chunk(device)
         for start in range(0, n, block):
             stop = min(n, start + block)

@@ -193,7 +193,16 @@ def test_dare_matches_reference(case, method, seed, name, rescale):
     assert_close(got, want)
 
 
-def test_ties_threshold_exact_on_large_tensor():
+@pytest.fixture(params=["numpy", "torch"])
+def kernel_path(request, monkeypatch):
+    """The CPU runs the numpy kernels (merge_ops.kernels); an accelerator runs the torch ones.
+    Tests that take this fixture run both here, so the accelerator's are covered without a GPU."""
+    if request.param == "torch":
+        monkeypatch.setattr(merge_ops.kernels, "numpy_on", lambda device: False)
+    return request.param
+
+
+def test_ties_threshold_exact_on_large_tensor(kernel_path):
     """Large enough to take the sampled-bracket path of the top-k selection."""
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(1_200_000, generator=gen)
@@ -207,7 +216,7 @@ def test_ties_threshold_exact_on_large_tensor():
     assert both.shape == base.shape and torch.isfinite(both).all()
 
 
-def test_topk_bracket_falls_back_exactly_on_adversarial_data():
+def test_topk_bracket_falls_back_exactly_on_adversarial_data(kernel_path):
     from merge_ops.topk import kth_largest
 
     values = torch.cat([torch.zeros(600_000), torch.arange(1, 1001, dtype=torch.float32)])
@@ -216,10 +225,10 @@ def test_topk_bracket_falls_back_exactly_on_adversarial_data():
         assert kth_largest(values, k) == expected
 
 
-def test_topk_bracket_is_exact_on_tied_and_continuous_magnitudes():
+def test_topk_bracket_is_exact_on_tied_and_continuous_magnitudes(kernel_path):
     # bf16 deltas take few distinct values, so the k-th largest sits in a run of ties; the
     # bracket test works on bit patterns, so check it against a sort on both kinds of data
-    from merge_ops.topk import kth_largest
+    from merge_ops.topk import Bracket, kth_largest, sample_positions
 
     gen = torch.Generator().manual_seed(11)
     base = (torch.randn(700_000, generator=gen) * 0.02).to(torch.bfloat16)
@@ -230,6 +239,11 @@ def test_topk_bracket_is_exact_on_tied_and_continuous_magnitudes():
         ranked = torch.sort(values, descending=True).values
         for k in (1, 7_000, 140_000, 350_001, 699_999, 700_000):
             assert kth_largest(values, k) == ranked[k - 1], k
+        for k in (7_000, 140_000, 350_001):  # away from the ends, the bracket itself finds it
+            bracket = Bracket(values.numel(), k, values[sample_positions(values.numel(), k)])
+            for start in range(0, values.numel(), 100_000):
+                bracket.feed(values[start:start + 100_000])
+            assert bracket.result() == ranked[k - 1], k
 
 
 def test_topk_rejects_negative_values():
@@ -288,7 +302,7 @@ def test_dare_is_a_pure_function_of_seed_name_expert_position():
 
 @pytest.mark.parametrize("k2", [0, 2**31 - 5, 2**32 - 5])
 @pytest.mark.parametrize("start", [0, 2**31 - 20, 2**32 - 20])
-def test_dare_draws_follow_the_formula_where_lanes_wrap(k2, start):
+def test_dare_draws_follow_the_formula_where_lanes_wrap(k2, start, kernel_path):
     """The kernels' int32 lanes wrap (j + k2) past 2**31 and 2**32 exactly as the documented formula
     does, and chunks reaching past 2**32 (the int64 path) follow it too."""
     from merge_ops.dropout import DropMask, random_u32
@@ -352,7 +366,7 @@ def test_dare_l1_rescale_preserves_each_task_vectors_l1_norm():
 
 
 @pytest.mark.parametrize("chunk", [None, 1000, 4099])
-def test_dare_l1_on_several_prepass_blocks_follows_the_formula(chunk):
+def test_dare_l1_on_several_prepass_blocks_follows_the_formula(chunk, kernel_path):
     """Longer than the L1 pre-pass's block, not a multiple of 8, one expert that drops nothing:
     the draws the pre-pass keeps are the formula's, wherever the merge's chunks start."""
     from merge_ops import DEFAULT_CHUNK
@@ -370,6 +384,23 @@ def test_dare_l1_on_several_prepass_blocks_follows_the_formula(chunk):
         kept = delta * keep_mask(stream_keys(4, "t", i), 0, n, d)
         want += w * kept * (delta.abs().sum() / kept.abs().sum())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_numpy_and_torch_kernels_give_the_same_bits(method, monkeypatch):
+    """What a CPU worker and a GPU worker compute must not differ: the two implementations of the
+    integer steps, on a tie-heavy bf16 tensor of several chunks (TIES's bracket path, DARE's L1
+    pre-pass with its kept draws)."""
+    n = 2 * merge_ops.DEFAULT_CHUNK + 77
+    gen = torch.Generator().manual_seed(12)
+    base = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    experts = [(base.float() + torch.randn(n, generator=gen) * 0.002).to(torch.bfloat16) for _ in range(3)]
+    params = {"ties": {"density": 0.2}, "dare_linear": {"density": 0.3, "rescale": "l1"},
+              "dare_ties": {"density": 0.3, "rescale": "l1"}}.get(method, {})
+    kw = dict(weights=[1.0, 0.5, 2.0], seed=3, name="layers.0.w", chunk_size=100_003, out_dtype=torch.float32)
+    numpy_bits = merge_tensors(method, experts, base, **kw, **params)
+    monkeypatch.setattr(merge_ops.kernels, "numpy_on", lambda device: False)
+    assert torch.equal(merge_tensors(method, experts, base, **kw, **params), numpy_bits)
 
 
 # ---------------------------------------------------------------- registry and errors
