@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_ops import METHODS, merge_tensors
+from merge_ops import METHODS, kept_draw_bytes, merge_tensors
 from storage import Checkpoint, ShardWriter, read_many
 from storage.uri import is_s3
 from storage.version import code_version
@@ -106,16 +106,15 @@ def run_unit(job: UnitJob) -> dict:
 
 def unit_bytes(job: UnitJob) -> int:
     """Memory a unit holds at its peak: one tensor's inputs and output, the next tensor's inputs
-    (prefetched), merge_ops' chunk-sized scratch, and one bit per element and expert (the draws
-    DARE's L1 rescale keeps between its passes; at most 1/16 of the experts' bf16 bytes, so
-    counted for every method)."""
+    (prefetched), what the merge keeps between passes (merge_ops.kept_draw_bytes) and merge_ops'
+    chunk-sized scratch."""
     sources = job.sources
     inputs = [sum(c.tensors[n].nbytes for c in sources) for n in job.unit.tensors]
     numels = [sources[0].tensors[n].numel for n in job.unit.tensors]
     outputs = [dtype.itemsize * numel for (_, dtype, _), numel in zip(job.specs, numels, strict=True)]
-    kept_bits = [len(job.experts) * ((numel + 7) // 8) for numel in numels]
+    kept = [kept_draw_bytes(job.method, job.parameters, len(job.experts), numel, job.device) for numel in numels]
     nxt = inputs[1:] + [0]
-    return max(map(sum, zip(inputs, outputs, nxt, kept_bits, strict=True))) + _SCRATCH_BYTES
+    return max(map(sum, zip(inputs, outputs, nxt, kept, strict=True))) + _SCRATCH_BYTES
 
 
 def memory_budget() -> int:

@@ -1,10 +1,13 @@
-"""merge_ops: the merge math, pure torch. No I/O, no orchestration.
+"""merge_ops: the merge math, in torch (numpy for integer steps on CPU). No I/O, no orchestration.
 
     merge_tensors(method, experts, base, *, weights, seed, name, **params) -> Tensor
     METHODS: name -> Method (description, needs_base, params with defaults)
+    kept_draw_bytes(...): memory a merge holds beyond its inputs, output and chunk buffers
 """
 
 from .merge import DEFAULT_CHUNK, GPU_CHUNK, default_chunk, merge_tensors
+from .methods import kept_draw_bytes
 from .registry import METHODS, Method, Param, get_method
 
-__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "METHODS", "Method", "Param", "default_chunk", "get_method", "merge_tensors"]
+__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "METHODS", "Method", "Param", "default_chunk", "get_method",
+           "kept_draw_bytes", "merge_tensors"]

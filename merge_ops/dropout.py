@@ -138,7 +138,7 @@ class DropMask:
         return torch.lt(h, self.threshold - (1 << 31), out=out)
 
     def _keep_numpy(self, start: int, stop: int, h: torch.Tensor, t: torch.Tensor,
-                  ramp: torch.Tensor | None) -> np.ndarray:
+                    ramp: torch.Tensor | None) -> np.ndarray:
         """The decisions as a numpy bool array, a view of t's memory (valid until t is reused)."""
         m = stop - start
         keep = t.numpy().view(np.bool_)[:m]

@@ -250,6 +250,14 @@ def ties(experts, base, weights, params, seed, name) -> Kernel:
     return kernel
 
 
+def kept_draw_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str) -> int:
+    """Bytes a merge of one tensor keeps besides its inputs, output and chunk buffers: DARE's L1
+    rescale on the numpy path keeps its pre-pass draws, one bit per element and expert."""
+    if method in ("dare_linear", "dare_ties") and params.get("rescale") == "l1" and kernels.numpy_on(device):
+        return n_experts * ((numel + 7) // 8)
+    return 0
+
+
 def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callable[[int, int, torch.Tensor],
                                                                                    list[torch.Tensor]]:
     """Dropped-and-rescaled deltas for elements [start, stop), one per expert, in scratch buffers."""
