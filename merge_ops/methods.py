@@ -250,10 +250,13 @@ def ties(experts, base, weights, params, seed, name) -> Kernel:
     return kernel
 
 
-def kept_draw_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str) -> int:
+def kept_draw_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str,
+                    threads: int | None = None) -> int:
     """Bytes a merge of one tensor keeps besides its inputs, output and chunk buffers: DARE's L1
-    rescale on the numpy path keeps its pre-pass draws, one bit per element and expert."""
-    if method in ("dare_linear", "dare_ties") and params.get("rescale") == "l1" and kernels.numpy_on(device):
+    rescale on the numpy path keeps its pre-pass draws, one bit per element and expert.
+    threads: the merge's intra-op threads (see merge_ops.kernels)."""
+    if (method in ("dare_linear", "dare_ties") and params.get("rescale") == "l1"
+            and kernels.numpy_on(device, threads)):
         return n_experts * ((numel + 7) // 8)
     return 0
 

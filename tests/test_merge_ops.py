@@ -6,10 +6,12 @@ and draw DARE's mask with a pure-Python re-implementation of the documented hash
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -164,12 +166,16 @@ def test_task_arithmetic_matches_reference(case, lam):
     assert_close(got, reference("task_arithmetic", experts, base, weights, **{"lambda": lam}))
 
 
+PATHS = st.sampled_from(["numpy", "torch"])
+
+
 @SETTINGS
-@given(st.one_of(merge_case(), merge_case(integer_valued=True)), st.booleans())
-def test_ties_matches_reference(case, normalize):
+@given(st.one_of(merge_case(), merge_case(integer_valued=True)), st.booleans(), PATHS)
+def test_ties_matches_reference(case, normalize, path):
     experts, base, weights, density = case
-    got = merge_tensors("ties", experts, base, weights=weights, density=density, normalize=normalize,
-                        out_dtype=torch.float32)
+    with kernels(path):
+        got = merge_tensors("ties", experts, base, weights=weights, density=density, normalize=normalize,
+                            out_dtype=torch.float32)
     assert_close(got, reference("ties", experts, base, weights, density=density, normalize=normalize))
 
 
@@ -184,22 +190,29 @@ def test_ties_per_expert_density(case, seed):
 
 @SETTINGS
 @given(merge_case(), st.sampled_from(["dare_linear", "dare_ties"]), st.integers(0, 5), st.text(max_size=8),
-       st.sampled_from([True, "l1"]))
-def test_dare_matches_reference(case, method, seed, name, rescale):
+       st.sampled_from([True, "l1"]), PATHS)
+def test_dare_matches_reference(case, method, seed, name, rescale, path):
     experts, base, weights, density = case
-    got = merge_tensors(method, experts, base, weights=weights, density=density, seed=seed, name=name,
-                        rescale=rescale, out_dtype=torch.float32)
+    with kernels(path):
+        got = merge_tensors(method, experts, base, weights=weights, density=density, seed=seed, name=name,
+                            rescale=rescale, out_dtype=torch.float32)
     want = reference(method, experts, base, weights, seed=seed, name=name, density=density, rescale=rescale)
     assert_close(got, want)
 
 
+@contextlib.contextmanager
+def kernels(path: str):
+    """Run the integer steps on one implementation (merge_ops.kernels): "numpy" (a single-threaded
+    CPU merge) or "torch" (more threads, or an accelerator), whatever this machine would pick."""
+    with mock.patch.object(merge_ops.kernels, "numpy_on", lambda device, threads=None: path == "numpy"):
+        yield
+
+
 @pytest.fixture(params=["numpy", "torch"])
-def kernel_path(request, monkeypatch):
-    """The CPU runs the numpy kernels (merge_ops.kernels); an accelerator runs the torch ones.
-    Tests that take this fixture run both here, so the accelerator's are covered without a GPU."""
-    if request.param == "torch":
-        monkeypatch.setattr(merge_ops.kernels, "numpy_on", lambda device: False)
-    return request.param
+def kernel_path(request):
+    """Tests that take this fixture run on both implementations."""
+    with kernels(request.param):
+        yield request.param
 
 
 def test_ties_threshold_exact_on_large_tensor(kernel_path):
@@ -259,14 +272,15 @@ ALL = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 
 
 @settings(max_examples=40, deadline=None)
-@given(merge_case(), st.sampled_from(ALL), st.integers(1, 50), st.sampled_from([True, "l1"]))
-def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk, rescale):
+@given(merge_case(), st.sampled_from(ALL), st.integers(1, 50), st.sampled_from([True, "l1"]), PATHS)
+def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk, rescale, path):
     experts, base, weights, density = case
     params = {} if method in ("linear", "task_arithmetic") else {"density": density}
     if method.startswith("dare"):
         params["rescale"] = rescale  # l1: the merge pass reads the pre-pass's draws back at any offset
-    whole = merge_tensors(method, experts, base, weights=weights, chunk_size=None, name="w", **params)
-    chunked = merge_tensors(method, experts, base, weights=weights, chunk_size=chunk, name="w", **params)
+    with kernels(path):
+        whole = merge_tensors(method, experts, base, weights=weights, chunk_size=None, name="w", **params)
+        chunked = merge_tensors(method, experts, base, weights=weights, chunk_size=chunk, name="w", **params)
     assert torch.equal(whole, chunked)
 
 
@@ -387,7 +401,7 @@ def test_dare_l1_on_several_prepass_blocks_follows_the_formula(chunk, kernel_pat
 
 
 @pytest.mark.parametrize("method", ALL)
-def test_numpy_and_torch_kernels_give_the_same_bits(method, monkeypatch):
+def test_numpy_and_torch_kernels_give_the_same_bits(method):
     """What a CPU worker and a GPU worker compute must not differ: the two implementations of the
     integer steps, on a tie-heavy bf16 tensor of several chunks (TIES's bracket path, DARE's L1
     pre-pass with its kept draws)."""
@@ -398,9 +412,41 @@ def test_numpy_and_torch_kernels_give_the_same_bits(method, monkeypatch):
     params = {"ties": {"density": 0.2}, "dare_linear": {"density": 0.3, "rescale": "l1"},
               "dare_ties": {"density": 0.3, "rescale": "l1"}}.get(method, {})
     kw = dict(weights=[1.0, 0.5, 2.0], seed=3, name="layers.0.w", chunk_size=100_003, out_dtype=torch.float32)
-    numpy_bits = merge_tensors(method, experts, base, **kw, **params)
-    monkeypatch.setattr(merge_ops.kernels, "numpy_on", lambda device: False)
-    assert torch.equal(merge_tensors(method, experts, base, **kw, **params), numpy_bits)
+    with kernels("numpy"):
+        numpy_bits = merge_tensors(method, experts, base, **kw, **params)
+    with kernels("torch"):
+        assert torch.equal(merge_tensors(method, experts, base, **kw, **params), numpy_bits)
+
+
+def test_kept_draw_bytes_is_what_a_dare_l1_merge_keeps():
+    """flows/unit reserves kept_draw_bytes for each merge. On the numpy path DARE's L1 rescale keeps
+    its draws (numpy memory, which tracemalloc sees); other merges and the torch path keep none."""
+    import tracemalloc
+
+    from merge_ops import DEFAULT_CHUNK, kept_draw_bytes
+
+    n = 3_000_000
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(n, generator=gen)
+    experts = [base + torch.randn(n, generator=gen) for _ in range(3)]
+
+    def traced_peak(path, rescale):
+        with kernels(path):
+            tracemalloc.start()
+            try:
+                merge_tensors("dare_linear", experts, base, density=0.2, rescale=rescale)
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+    reserved = kept_draw_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cpu", threads=1)
+    held = traced_peak("numpy", "l1") - traced_peak("numpy", True)
+    assert reserved <= held <= reserved + 2 * DEFAULT_CHUNK  # and one chunk's bits being unpacked
+    assert traced_peak("torch", "l1") < reserved / 10
+    assert kept_draw_bytes("dare_linear", {"rescale": True}, 3, n, "cpu", threads=1) == 0
+    assert kept_draw_bytes("ties", {"density": 0.2}, 3, n, "cpu", threads=1) == 0
+    assert kept_draw_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cpu", threads=4) == 0
+    assert kept_draw_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cuda", threads=1) == 0
 
 
 # ---------------------------------------------------------------- registry and errors
