@@ -2,7 +2,7 @@
 
     python benchmarks/gpu.py [--params 1B] [--experts 4] [--repeats 3]
 
-Needs only torch with CUDA and this repository (merge_ops is pure torch): no Prefect, no files,
+Needs only torch with CUDA, numpy and this repository (merge_ops does no I/O): no Prefect, no files,
 no network. Synthetic bf16 tensors in Llama-7B-like shapes (a base and experts that differ by small
 deltas) are made on the GPU; every method merges all of them with merge_ops.merge_tensors, the same
 call the flow's GPU path makes per tensor. Two timings per method:
