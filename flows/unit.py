@@ -112,8 +112,7 @@ def unit_bytes(job: UnitJob) -> int:
     inputs = [sum(c.tensors[n].nbytes for c in sources) for n in job.unit.tensors]
     numels = [sources[0].tensors[n].numel for n in job.unit.tensors]
     outputs = [dtype.itemsize * numel for (_, dtype, _), numel in zip(job.specs, numels, strict=True)]
-    threads = merge_threads() if job.device == "cpu" else None
-    kept = [kept_draw_bytes(job.method, job.parameters, len(job.experts), numel, job.device, threads)
+    kept = [kept_draw_bytes(job.method, job.parameters, len(job.experts), numel, job.device, merge_threads())
             for numel in numels]
     nxt = inputs[1:] + [0]
     return max(map(sum, zip(inputs, outputs, nxt, kept, strict=True))) + _SCRATCH_BYTES

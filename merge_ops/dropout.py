@@ -12,10 +12,11 @@ and lowbias32(0) == 0, so below 2**32 positions (every tensor there is) the inne
 
 Three implementations of the same function, all giving exactly the bits of the formula:
 `random_u32` (uint32 values held in int64, any position, any device), and the merge kernels'
-`DropMask`, for positions below 2**32, on reused buffers: numpy's native uint32 operations on
-CPU (in place, bool output: 1.3 ns per draw against 2.0 for torch's int32 lanes on the benchmark
-machine), and torch int32 lanes with wrap-around arithmetic and emulated logical shifts on an
-accelerator (see merge_ops.kernels). `KeptBits` keeps one stream's decisions as packed bits for a second pass.
+`DropMask`, for positions below 2**32, on reused buffers: numpy's native uint32 operations for a
+single-threaded CPU merge (in place, bool output: 1.3 ns per draw against 2.0 for torch's int32
+lanes on the benchmark machine), otherwise torch int32 lanes with wrap-around arithmetic and
+emulated logical shifts (see merge_ops.kernels). `KeptBits` keeps one stream's decisions as
+packed bits for a second pass.
 """
 
 from __future__ import annotations

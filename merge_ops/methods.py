@@ -255,10 +255,14 @@ def kept_draw_bytes(method: str, params: dict, n_experts: int, numel: int, devic
     """Bytes a merge of one tensor keeps besides its inputs, output and chunk buffers: DARE's L1
     rescale on the numpy path keeps its pre-pass draws, one bit per element and expert.
     threads: the merge's intra-op threads (see merge_ops.kernels)."""
-    if (method in ("dare_linear", "dare_ties") and params.get("rescale") == "l1"
-            and kernels.numpy_on(device, threads)):
+    if method in ("dare_linear", "dare_ties") and _keeps_draws(params, device, threads):
         return n_experts * ((numel + 7) // 8)
     return 0
+
+
+def _keeps_draws(params: dict, device: torch.device | str, threads: int | None = None) -> bool:
+    """DARE's L1 rescale on the numpy path keeps the draws of its pre-pass for the merge pass."""
+    return params.get("rescale") == "l1" and kernels.numpy_on(device, threads)
 
 
 def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callable[[int, int, torch.Tensor],
@@ -292,7 +296,8 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
         before, after = [0.0] * len(experts), [0.0] * len(experts)
         # On the numpy path (CPU) the draws are kept, n / 8 bytes per expert, for the merge pass:
         # reading them back costs a tenth of drawing them again.
-        record = [KeptBits(n) if kernels.numpy_on(device) and not mask.drops_nothing else None for mask in masks]
+        keeps = _keeps_draws(params, device)
+        record = [KeptBits(n) if keeps and not mask.drops_nothing else None for mask in masks]
         block = default_chunk(device)
         for start in range(0, n, block):
             stop = min(n, start + block)

@@ -78,7 +78,7 @@ class Bracket:
         # reuse (and return) the space instead of fragmenting it.
         self._inside: torch.Tensor | None = None
         self._n_inside = 0
-        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bufs: tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray] | None = None  # per path
 
     def feed(self, chunk: torch.Tensor) -> None:
         """The next chunk of values (non-negative float32, at most 2**24 of them)."""
