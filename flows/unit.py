@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_ops import METHODS, kept_draw_bytes, merge_tensors
+from merge_ops import METHODS, kept_draw_bytes, merge_tensors, scratch_bytes
 from storage import Checkpoint, ShardWriter, read_many
 from storage.uri import is_s3
 from storage.version import code_version
@@ -33,7 +33,6 @@ DEFAULT_MEMORY_BUDGET_MB = 512
 # thread that allocates tensors gets its own glibc arena that keeps what it freed (measured: TIES
 # on the 250M benchmark peaked at 1.30 GiB with 16 reader threads, 0.88 GiB with one).
 _LOCAL_READERS = 1
-_SCRATCH_BYTES = 32 << 20  # merge_ops' chunk buffers and the writer's, per tensor merge, generously
 
 
 @dataclass(frozen=True)
@@ -106,8 +105,8 @@ def run_unit(job: UnitJob) -> dict:
 
 def unit_bytes(job: UnitJob) -> int:
     """Memory a unit holds at its peak: one tensor's inputs and output, the next tensor's inputs
-    (prefetched), what the merge keeps between passes (merge_ops.kept_draw_bytes) and merge_ops'
-    chunk-sized scratch."""
+    (prefetched), what the merge keeps between passes (merge_ops.kept_draw_bytes) and its chunk
+    buffers (merge_ops.scratch_bytes). The writer streams the merged tensor as it is, adding none."""
     sources = job.sources
     inputs = [sum(c.tensors[n].nbytes for c in sources) for n in job.unit.tensors]
     numels = [sources[0].tensors[n].numel for n in job.unit.tensors]
@@ -115,7 +114,7 @@ def unit_bytes(job: UnitJob) -> int:
     kept = [kept_draw_bytes(job.method, job.parameters, len(job.experts), numel, job.device, merge_threads())
             for numel in numels]
     nxt = inputs[1:] + [0]
-    return max(map(sum, zip(inputs, outputs, nxt, kept, strict=True))) + _SCRATCH_BYTES
+    return max(map(sum, zip(inputs, outputs, nxt, kept, strict=True))) + scratch_bytes(len(job.experts), job.device)
 
 
 def memory_budget() -> int:

@@ -250,6 +250,20 @@ def ties(experts, base, weights, params, seed, name) -> Kernel:
     return kernel
 
 
+# Chunk-sized buffers a merge holds at most, in float32 chunks. Measured (the process's peak RSS
+# over one merge, glibc mapping every large block afresh): 10 + n_experts for DARE on torch's
+# path, fewer for the other methods and numpy's, with 2 to 8 experts; 2 spare.
+_SCRATCH_CHUNKS = 12
+
+
+def scratch_bytes(n_experts: int, device: torch.device | str) -> int:
+    """Host memory a merge's chunk buffers take at most (default chunking; the merge of a tensor
+    smaller than a chunk takes less). An accelerator merge keeps its buffers on the device."""
+    if torch.device(device).type != "cpu":
+        return 0
+    return (_SCRATCH_CHUNKS + n_experts) * DEFAULT_CHUNK * 4
+
+
 def kept_draw_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str,
                     threads: int | None = None) -> int:
     """Bytes a merge of one tensor keeps besides its inputs, output and chunk buffers: DARE's L1

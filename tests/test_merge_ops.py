@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
+import os
 import subprocess
 import sys
 from unittest import mock
@@ -329,6 +331,53 @@ def test_dare_draws_follow_the_formula_where_lanes_wrap(k2, start, kernel_path):
     for ramp in (None, torch.arange(m, dtype=torch.int32)):
         h, t = torch.empty(m, dtype=torch.int32), torch.empty(m, dtype=torch.int32)
         assert mask.keep_into(start, start + m, torch.empty(m), h, t, ramp).tolist() == expected
+
+
+_PEAK_PER_MERGE = """
+import json, sys, torch
+from unittest import mock
+import merge_ops, merge_ops.kernels
+from merge_ops import kept_draw_bytes, merge_tensors
+
+def rss(key):  # bytes, from /proc/self/status
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+n, k = 1_500_000, 8
+g = torch.Generator().manual_seed(0)
+base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+experts = [(base.float() + torch.randn(n, generator=g) * 0.002).to(torch.bfloat16) for _ in range(k)]
+params = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 0.2},
+          "dare_linear": {"density": 0.1, "rescale": "l1"}, "dare_ties": {"density": 0.1, "rescale": "l1"}}
+out = []
+for path, threads in [("numpy", 1), ("torch", 2)]:
+    torch.set_num_threads(threads)
+    with mock.patch.object(merge_ops.kernels, "numpy_on", lambda device, threads=None: path == "numpy"):
+        for method, p in params.items():
+            merge_tensors(method, [e[:300_000] for e in experts], base[:300_000], seed=1, name="w", **p)
+            before = rss("VmRSS")
+            open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
+            merged = merge_tensors(method, experts, base, seed=1, name="w", **p)
+            extra = rss("VmHWM") - before - merged.nbytes
+            kept = kept_draw_bytes(method, p, k, n, "cpu", threads) if path == "numpy" else 0
+            out.append([method, path, threads, extra, kept])
+            del merged
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux)")
+def test_scratch_bytes_bounds_what_a_merge_allocates():
+    """flows/unit reserves scratch_bytes + kept_draw_bytes per merge beside its inputs and output.
+    Measured as the rise of the process's peak RSS over one merge, in a process where glibc maps
+    every block over 64 KiB afresh, so that no freed memory hides an allocation."""
+    from merge_ops import scratch_bytes
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    got = subprocess.run([sys.executable, "-c", _PEAK_PER_MERGE], env=env, check=True, capture_output=True, text=True)
+    for method, path, threads, extra, kept in json.loads(got.stdout):
+        assert extra <= scratch_bytes(8, "cpu") + kept, (method, path, threads, extra / 2**20)
+    assert max(extra for *_, extra, _ in json.loads(got.stdout)) > scratch_bytes(8, "cpu") / 2  # not a loose bound
+    assert scratch_bytes(8, "cuda") == 0
 
 
 def test_dare_same_bits_in_a_fresh_process(tmp_path):
