@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -232,18 +233,20 @@ def _whole_tensor_threshold(expert: torch.Tensor, base: torch.Tensor, k: int) ->
     params=(DENSITY_TIES, LAMBDA, DISJOINT_NORMALIZE, INT8_MASK),
 )
 def ties(experts, base, weights, params, seed, name) -> Kernel:
-    thresholds = _ties_thresholds(experts, base, params["density"])
+    # |d| >= thr exactly where |d| > the largest float32 below thr: hardshrink trims in one pass
+    shrink = [None if t is None else float(np.nextafter(np.float32(t), np.float32(0)))
+              for t in _ties_thresholds(experts, base, params["density"])]
     lam, normalize = params["lambda"], params["normalize"]
     scratch = _Scratch(base.device)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
         m = stop - start
-        b, tmp = _load(scratch("base", m), base[start:stop]), scratch("tmp", m)
+        b = _load(scratch("base", m), base[start:stop])
         deltas = []
-        for i, (e, thr) in enumerate(zip(experts, thresholds, strict=True)):
+        for i, (e, below) in enumerate(zip(experts, shrink, strict=True)):
             d = _sub_into(scratch(("d", i), m), e[start:stop], b)
-            if thr is not None:  # d * (|d| >= thr): d, or a zero
-                d.mul_(torch.ge(torch.abs(d, out=tmp), thr, out=tmp))
+            if below is not None:  # d where |d| >= the threshold, else 0
+                torch.hardshrink(d, below, out=d)
             deltas.append(d)
         return _scale_(_disjoint_mean_(deltas, weights, normalize, scratch, m), lam).add_(b)
 
