@@ -111,15 +111,19 @@ def _disjoint_mean_(deltas: Sequence[torch.Tensor], weights: Sequence[float], no
     """
     tmp = scratch("tmp", m)
     sign = _weighted_sum_into(scratch("sign", m), tmp, deltas, weights).sign_()
-    num = den = None
-    for d, w in zip(deltas, weights, strict=True):
-        agreeing = torch.mul(d, sign, out=d).clamp_min_(0.0)      # |d| where d agrees, else 0
-        if num is None:  # the first expert's terms start both sums: no zero-fill, no add
-            den = _scale_(torch.gt(agreeing, 0.0, out=scratch("den", m)), w)
-            num = _scale_(agreeing, w)
-        else:
-            den.add_(_scale_(torch.gt(agreeing, 0.0, out=tmp), w))  # + (w or 0), exact
-            num.add_(_scale_(agreeing, w))
+
+    def agreeing(d: torch.Tensor) -> torch.Tensor:  # |d| where d agrees with the sign, else 0
+        return torch.mul(d, sign, out=d).clamp_min_(0.0)
+
+    # the first expert's terms start both sums: no zero-filled buffers, no adds into them
+    (d0, w0), *rest = zip(deltas, weights, strict=True)
+    a0 = agreeing(d0)
+    den = _scale_(torch.gt(a0, 0.0, out=scratch("den", m)), w0)  # w or 0, exact
+    num = _scale_(a0, w0)
+    for d, w in rest:
+        a = agreeing(d)
+        den.add_(_scale_(torch.gt(a, 0.0, out=tmp), w))
+        num.add_(_scale_(a, w))
     if normalize:
         nonzero = torch.ne(den, 0.0, out=tmp)                  # 1.0 where den != 0
         den.add_(torch.neg(nonzero, out=scratch("tmp2", m)).add_(1.0))  # den, or 1 where it is 0
