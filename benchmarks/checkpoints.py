@@ -4,8 +4,9 @@ then reused from the cache directory.
 
 Shapes: Llama's (vocab 32000, untied embeddings, grouped-query attention with half as many KV heads,
 SwiGLU MLP of ~2.75x the width). The width is the largest that keeps the embeddings at most half the
-parameters with at least 8 layers; `layers` fills the rest. The scale run keeps the width and
-doubles the parameter count with more layers, so its largest tensor is the same size.
+parameters with at least 8 layers; `layers` fills the rest. The scale runs double the parameter
+count twice over: with more layers at the same width (the largest tensor stays the same size), and
+at the next width up (the largest tensor grows 1.5x).
 """
 
 from __future__ import annotations
@@ -107,6 +108,11 @@ def shape_for(params: int, hidden: int | None = None) -> Shape:
     fitting = [s for s in map(lambda w: _with_width(w, params), WIDTHS)
                if 2 * VOCAB * s.hidden <= 0.5 * params and s.layers >= 8]
     return fitting[-1] if fitting else _with_width(WIDTHS[0], params)
+
+
+def wider(hidden: int) -> int:
+    """The next width up: the scale run whose largest tensor grows with the model."""
+    return next((w for w in WIDTHS if w > hidden), hidden * 3 // 2)
 
 
 def _tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

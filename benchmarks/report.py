@@ -14,6 +14,7 @@ GIB = 2**30
 SPEED_TARGETS = {"ties": 10.0, "linear": 3.0, "task_arithmetic": 3.0, "dare_ties": 3.0}
 RSS_TARGET = 1 / 3       # mergeline's peak RSS at most a third of mergekit's
 SCALE_RSS_TARGET = 1.2   # doubling the model grows peak RSS by at most this
+SCALE_RUNS = {"2x": "deeper", "2x-wide": "wider"}  # the scale runs' tags, and how each doubles the model
 
 
 def _med(samples: list[dict], key: str) -> float | None:
@@ -51,8 +52,9 @@ def render(r: dict) -> str:
         lines += _main_table(one, r)
         lines += _targets(r)
         lines += _compare_table(one)
-    if "2x" in sizes and one:
-        lines += _scale_table(one, sizes["2x"])
+    for tag, how in SCALE_RUNS.items():
+        if tag in sizes and one:
+            lines += _scale_table(one, sizes[tag], how)
     lines += _fixed_costs(r)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -125,13 +127,13 @@ def _targets(r: dict) -> list[str]:
             q = _med(res["mergeline"], "peak_rss") / _med(res["mergekit"], "peak_rss")
             out.append(f"- {method}: peak RSS {q:.2f} of mergekit's (target ≤ 0.33) — "
                        f"{'met' if q <= RSS_TARGET else '**missed**'}")
-    if "2x" in sizes:
-        two = sizes["2x"]["methods"]
+    for tag, how in SCALE_RUNS.items():
+        two = sizes.get(tag, {}).get("methods", {})
         for method, res in one.items():
             if method in two:
                 q = _med(two[method]["mergeline"], "peak_rss") / _med(res["mergeline"], "peak_rss")
-                out.append(f"- {method}: doubling the model grows peak RSS {q:.2f}× (target ≤ {SCALE_RSS_TARGET}×) — "
-                           f"{'met' if q <= SCALE_RSS_TARGET else '**missed**'}")
+                out.append(f"- {method}: doubling the model ({how}) grows peak RSS {q:.2f}× "
+                           f"(target ≤ {SCALE_RSS_TARGET}×) — {'met' if q <= SCALE_RSS_TARGET else '**missed**'}")
     return out + [""]
 
 
@@ -163,12 +165,16 @@ def _compare_table(size: dict) -> list[str]:
     return out + [""]
 
 
-def _scale_table(one: dict, two: dict) -> list[str]:
+def _scale_table(one: dict, two: dict, how_doubled: str) -> list[str]:
     s1, s2 = one["shape"], two["shape"]
+    if s1["hidden"] == s2["hidden"]:
+        how = f"{s1['layers']} → {s2['layers']} layers, same width, so the largest tensor is the same"
+    else:
+        how = (f"hidden {s1['hidden']} → {s2['hidden']}, {s1['layers']} → {s2['layers']} layers, so the largest "
+               f"tensor grows {s1['largest'] / 1e6:.1f}M → {s2['largest'] / 1e6:.1f}M")
     out = [
-        f"### Scale: {s1['params'] / 1e6:.0f}M → {s2['params'] / 1e6:.0f}M parameters "
-        f"({s2['params'] / s1['params']:.2f}×: {s1['layers']} → {s2['layers']} layers, same width, so the largest "
-        "tensor is the same)",
+        f"### Scale, {how_doubled}: {s1['params'] / 1e6:.0f}M → {s2['params'] / 1e6:.0f}M parameters "
+        f"({s2['params'] / s1['params']:.2f}×: {how})",
         "",
         f"Read floor {one['floor']['seconds']:.2f} s → {two['floor']['seconds']:.2f} s.",
         "",

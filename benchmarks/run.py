@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="timed runs per tool and method, alternating tools")
     p.add_argument("--workers", type=int, default=None, help="mergeline --workers (default: the CLI's own default)")
     p.add_argument("--no-mergekit", action="store_true", help="skip mergekit even if `make bench-setup` installed it")
-    p.add_argument("--no-scale", action="store_true", help="skip the run at twice the model size")
+    p.add_argument("--no-scale", action="store_true", help="skip the runs at twice the model size (deeper, and wider)")
     p.add_argument("--scale-mergekit", action="store_true", help="run mergekit in the scale run too")
     p.add_argument("--no-explain", action="store_true",
                    help="skip what explains output differences (a mergekit float32 run, TIES threshold ties)")
@@ -306,12 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [("1x", shape)]
     if not args.no_scale:
         sizes.append(("2x", ck.shape_for(2 * shape.params, hidden=shape.hidden)))
+        sizes.append(("2x-wide", ck.shape_for(2 * shape.params, hidden=ck.wider(shape.hidden))))
     data = {}
     for tag, s in sizes:
         root = BENCH / "ckpt" / f"llama-{s.hidden}x{s.layers}-e{args.experts}"
         base, experts = ck.generate(root, s, experts=args.experts, log=log)
         data[tag] = (s, base, experts)
-    out_root = pick_out_dir(args, 3 * 2 * sizes[-1][1].params)
+    out_root = pick_out_dir(args, 3 * 2 * max(s.params for _, s in sizes))
     out_root.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": info, "command": _command(argv), "args": vars(args), "sizes": {}}
     try:

@@ -56,25 +56,33 @@ def _mb(n: int) -> str:
 def _plan(args) -> int:
     from .plan import make_plan
     from .recipe import load_recipe
+    from .unit import UnitJob, tensor_steps, unit_bytes
 
     plan = make_plan(load_recipe(args.recipe, output=args.output))
+    jobs = [UnitJob.from_plan(plan, u, staging="") for u in plan.units]
+    peaks = [unit_bytes(job) for job in jobs]
+    streamed = [sum(bool(s.window) for s in tensor_steps(job)) for job in jobs]
     if args.json:
         print(json.dumps({
             "output": plan.output, "method": plan.recipe.method, "device": plan.device, "notes": plan.notes,
             "units": [{"name": u.name, "shard": u.shard, "tensors": len(u.tensors), "bytes_in": u.bytes_in,
-                       "peak_bytes": u.peak_bytes} for u in plan.units],
+                       "peak_bytes": peak, "streamed_tensors": n}
+                      for u, peak, n in zip(plan.units, peaks, streamed, strict=True)],
         }, indent=2))
         return 0
     console = Console()
     r = plan.recipe
     console.print(f"[bold]{r.name}[/]: {r.method} of {len(plan.experts)} experts"
                   f"{' onto ' + r.base if r.base else ''} -> {plan.output} (device {plan.device})")
-    table = Table("unit", "tensors", "shard", "MB read", "peak MB")
-    for u in plan.units:
-        table.add_row(u.name, str(len(u.tensors)), u.shard, _mb(u.bytes_in), _mb(u.peak_bytes))
+    table = Table("unit", "tensors", "shard", "MB read", "peak MB", "streamed")
+    for u, peak, n in zip(plan.units, peaks, streamed, strict=True):
+        table.add_row(u.name, str(len(u.tensors)), u.shard, _mb(u.bytes_in), _mb(peak), str(n or ""))
     console.print(table)
     console.print(f"{len(plan.units)} units, {_mb(sum(u.bytes_in for u in plan.units))} MB to read, "
-                  f"peak per task ~{_mb(max(u.peak_bytes for u in plan.units))} MB")
+                  f"peak per task ~{_mb(max(peaks))} MB")
+    if any(streamed):
+        console.print(f"{sum(streamed)} tensors do not fit the memory budget whole: they are read and merged a "
+                      "window of rows at a time (TIES reads their inputs three times, DARE with rescale: l1 twice)")
     for note in plan.notes:
         console.print(f"note: {note}")
     return 0

@@ -28,7 +28,6 @@ class Unit:
     shard: str
     tensors: tuple[str, ...]
     bytes_in: int
-    peak_bytes: int
 
 
 @dataclass
@@ -109,7 +108,6 @@ def make_plan(recipe: Recipe) -> Plan:
                 shard=f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors",
                 tensors=tuple(names),
                 bytes_in=bytes_in,
-                peak_bytes=_peak_bytes(names, inputs, out_dtypes),
             )
         )
     return Plan(recipe, output, base, experts, units, out_dtypes, notes, resolve_device(recipe.device))
@@ -125,14 +123,3 @@ def _open_all(uris: list[str]) -> tuple[dict[str, Checkpoint], list[str]]:
         except (CheckpointError, FileNotFoundError) as exc:
             errors.append(f"{uri}: {exc}")
     return opened, errors
-
-
-def _peak_bytes(names: list[str], inputs: list[Checkpoint], out_dtypes) -> int:
-    """Largest tensor's inputs + output + float32 working set, plus the next tensor prefetched."""
-    per_tensor = []
-    for n in names:
-        info = inputs[0].tensors[n]
-        inputs_bytes = sum(c.tensors[n].nbytes for c in inputs)
-        out_bytes = info.numel * out_dtypes[n].itemsize
-        per_tensor.append((inputs_bytes, inputs_bytes + out_bytes + 8 * info.numel))
-    return max(p for _, p in per_tensor) + max(i for i, _ in per_tensor)

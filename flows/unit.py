@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from merge_ops import METHODS, kept_draw_bytes, merge_tensors, scratch_bytes
+from merge_ops import (
+    METHODS,
+    RowStream,
+    kept_draw_bytes,
+    merge_stream,
+    merge_tensors,
+    scratch_bytes,
+    window_rows,
+)
 from storage import Checkpoint, ShardWriter, read_many
+from storage.reader import io_pool, io_threads
 from storage.uri import is_s3
 from storage.version import code_version
 
@@ -79,42 +89,78 @@ class UnitJob:
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class TensorStep:
+    """How a unit merges one of its tensors, and the memory that takes."""
+    name: str
+    window: int | None  # rows per window if the tensor is too large to merge whole, else None
+    held: int           # bytes it holds while it merges: inputs, output, what the merge keeps
+    read_ahead: bool    # whether its inputs are read while the previous tensor merges
+    inputs: int         # bytes of its inputs read ahead
+
+
+def tensor_steps(job: UnitJob) -> list[TensorStep]:
+    """The unit's tensors in order. One that does not fit the memory budget whole is streamed:
+    read and merged a window of rows at a time, its windows taking a quarter of the budget, so
+    that four such units (the CLI's default --workers) merge side by side. A tensor's inputs are
+    read ahead only if they fit beside the previous tensor's merge."""
+    room = memory_budget() - scratch_bytes(len(job.experts), job.device, streamed=True)
+    steps: list[TensorStep] = []
+    for name, out_dtype, shape in job.specs:
+        per_element = sum(c.tensors[name].torch_dtype.itemsize for c in job.sources) + out_dtype.itemsize
+        numel = math.prod(shape)
+        whole = numel * per_element + kept_draw_bytes(job.method, job.parameters, len(job.experts), numel,
+                                                      job.device, merge_threads())
+        inputs = sum(c.tensors[name].nbytes for c in job.sources)
+        if shape and whole > room:  # two windows of each input (one read ahead) and one of the output
+            windowed = per_element + sum(c.tensors[name].torch_dtype.itemsize for c in job.sources)
+            rows = window_rows(shape, windowed, room // 4)
+            steps.append(TensorStep(name, rows, rows * math.prod(shape[1:]) * windowed, False, 0))
+        else:
+            ahead = bool(steps) and steps[-1].held + inputs <= room
+            steps.append(TensorStep(name, None, whole, ahead, inputs))
+    return steps
+
+
+def unit_bytes(job: UnitJob) -> int:
+    """Memory a unit holds at its peak: a tensor's merge (TensorStep.held) and the next tensor's
+    inputs read ahead, plus the merge's chunk buffers (merge_ops.scratch_bytes). The writer
+    streams the merged tensor as it is, adding none."""
+    steps = tensor_steps(job)
+    ahead = [nxt.inputs if nxt.read_ahead else 0 for nxt in steps[1:]] + [0]
+    scratch = scratch_bytes(len(job.experts), job.device, streamed=any(s.window for s in steps))
+    return max(s.held + a for s, a in zip(steps, ahead, strict=True)) + scratch
+
+
 def run_unit(job: UnitJob) -> dict:
     """Merge one unit into its staged shard; returns the shard's description (JSON-able).
 
     Runs once the process's memory budget has room for the unit (see `memory_budget`), with
     `merge_threads()` intra-op threads for its CPU merges.
     """
-    names = job.unit.tensors
+    steps = tensor_steps(job)
     sources = job.sources
     with _budget.reserve(unit_bytes(job)), \
             ShardWriter(job.staging, job.unit.shard, list(job.specs)) as writer, \
             ThreadPoolExecutor(max_workers=1) as prefetch:
-        readers = _LOCAL_READERS if not any(is_s3(c.uri) for c in sources) else None
-        pending = prefetch.submit(read_many, [(c, names[0]) for c in sources], max_workers=readers)
-        for i, name in enumerate(names):
-            tensors = pending.result()
-            if i + 1 < len(names):  # read the next tensor while this one merges
-                pending = prefetch.submit(read_many, [(c, names[i + 1]) for c in sources], max_workers=readers)
-            writer.write(name, _merge(job, name, tensors))
+        remote = any(is_s3(c.uri) for c in sources)
+        readers = None if remote else _LOCAL_READERS
+
+        def read(name: str):
+            return prefetch.submit(read_many, [(c, name) for c in sources], max_workers=readers)
+
+        pending = None
+        for i, step in enumerate(steps):
+            if step.window:  # windows of S3 inputs are read in parallel, local ones by one thread
+                _merge_streamed(job, step.name, step.window, writer, io_pool(io_threads()) if remote else prefetch)
+                continue
+            tensors = (pending or read(step.name)).result()
+            pending = read(steps[i + 1].name) if i + 1 < len(steps) and steps[i + 1].read_ahead else None
+            writer.write(step.name, _merge(job, step.name, tensors))
             del tensors
     info = writer.result
     return {"filename": info.filename, "uri": info.uri, "size": info.size, "sha256": info.sha256,
             "tensors": list(info.tensors), "unit": job.unit.name}
-
-
-def unit_bytes(job: UnitJob) -> int:
-    """Memory a unit holds at its peak: one tensor's inputs and output, the next tensor's inputs
-    (prefetched), what the merge keeps between passes (merge_ops.kept_draw_bytes) and its chunk
-    buffers (merge_ops.scratch_bytes). The writer streams the merged tensor as it is, adding none."""
-    sources = job.sources
-    inputs = [sum(c.tensors[n].nbytes for c in sources) for n in job.unit.tensors]
-    numels = [sources[0].tensors[n].numel for n in job.unit.tensors]
-    outputs = [dtype.itemsize * numel for (_, dtype, _), numel in zip(job.specs, numels, strict=True)]
-    kept = [kept_draw_bytes(job.method, job.parameters, len(job.experts), numel, job.device, merge_threads())
-            for numel in numels]
-    nxt = inputs[1:] + [0]
-    return max(map(sum, zip(inputs, outputs, nxt, kept, strict=True))) + scratch_bytes(len(job.experts), job.device)
 
 
 def memory_budget() -> int:
@@ -194,6 +240,21 @@ def _merge(job: UnitJob, name: str, tensors: list[torch.Tensor]) -> torch.Tensor
         merged = merge_tensors(job.method, moved, base, weights=list(job.weights), seed=job.seed,
                                name=name, out_dtype=out_dtype, **job.parameters)
         return merged.cpu()
+
+
+def _merge_streamed(job: UnitJob, name: str, rows: int, writer: ShardWriter, read_ahead: Executor) -> None:
+    """Merge a tensor too large to hold whole, `rows` rows of every input at a time."""
+    out_dtype = dict((n, d) for n, d, _ in job.specs)[name]
+    labels = [f"expert {i} ({c.uri})" for i, c in enumerate(job.experts)]
+    labels += [f"the base ({job.base.uri})"] if job.base else []
+    streams = [RowStream(c.tensors[name].shape, c.tensors[name].torch_dtype,
+                         lambda r0, r1, c=c: c.read_tensor(name, (r0, r1)), rows, f"{label}, tensor {name!r}",
+                         job.device, read_ahead)
+               for c, label in zip(job.sources, labels, strict=True)]
+    experts, base = streams[: len(job.experts)], (streams[-1] if job.base else None)
+    with _merge_thread_count() if job.device == "cpu" else _gpu_slot(job.device):
+        merge_stream(job.method, experts, base, write=lambda block: writer.write(name, block),
+                     weights=list(job.weights), seed=job.seed, name=name, out_dtype=out_dtype, **job.parameters)
 
 
 def _gpu_slot(device: str) -> threading.Semaphore:

@@ -1,15 +1,16 @@
-"""merge_tensors: validate inputs, then run a method's kernel chunk by chunk."""
+"""merge_tensors and merge_stream: validate inputs, then run a method's kernel chunk by chunk."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .methods import DEFAULT_CHUNK, GPU_CHUNK, default_chunk  # importing methods registers them
 from .registry import get_method, resolve_params
+from .stream import RowStream, all_finite
 
-__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "default_chunk", "merge_tensors"]
+__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "default_chunk", "merge_stream", "merge_tensors"]
 
 
 def merge_tensors(
@@ -32,6 +33,52 @@ def merge_tensors(
     `chunk_size=None` merges in one piece, "auto" (the default) in chunks of DEFAULT_CHUNK
     elements on CPU and GPU_CHUNK on an accelerator; any chunking gives identical output.
     """
+    if chunk_size not in ("auto", None) and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive number of elements, got {chunk_size}")
+    dtype = _dtype(out_dtype)
+    kernel, reference = _prepare(method, experts, base, weights, seed, name, params)
+    out = torch.empty(reference.numel(), dtype=dtype or reference.dtype, device=reference.device)
+    n = out.numel()
+    step = {"auto": default_chunk(reference.device), None: n}.get(chunk_size, chunk_size)
+    for start in range(0, n, max(step, 1)):
+        stop = min(n, start + step)
+        out[start:stop] = kernel(start, stop)
+    return out.view(reference.shape)
+
+
+def merge_stream(
+    method: str,
+    experts: Sequence[RowStream],
+    base: RowStream | None = None,
+    *,
+    write: Callable[[torch.Tensor], None],
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    name: str = "",
+    out_dtype: torch.dtype | str | None = None,
+    **params,
+) -> None:
+    """merge_tensors for inputs read a window of rows at a time (see merge_ops.stream): calls
+    `write` with the merged rows, one window at a time, in order. Same bits as merge_tensors."""
+    dtype = _dtype(out_dtype)
+    kernel, reference = _prepare(method, experts, base, weights, seed, name, params)
+    shape = reference.shape
+    block = torch.empty(reference.window_rows * reference.row, dtype=dtype or reference.dtype, device=reference.device)
+    filled, n, step = 0, reference.numel(), default_chunk(reference.device)
+    for start in range(0, n, step):
+        merged = kernel(start, min(n, start + step))
+        done = 0
+        while done < merged.numel():
+            take = min(merged.numel() - done, block.numel() - filled)
+            block[filled:filled + take] = merged[done:done + take]
+            filled, done = filled + take, done + take
+            if filled == block.numel() or start + done == n:
+                write(block[:filled].view(-1, *shape[1:]))
+                filled = 0
+
+
+def _prepare(method, experts, base, weights, seed, name, params):
+    """Validate a merge's inputs and parameters; the method's kernel and the reference input."""
     spec = get_method(method)
     where = f" (tensor {name!r})" if name else ""
     if len(experts) == 0:
@@ -45,22 +92,9 @@ def merge_tensors(
         raise ValueError(f"{method}: {len(weights)} weights given for {len(experts)} experts{where}")
     resolved = resolve_params(spec, params, len(experts))
     _check_tensors(experts, base, where)
-    reference = base if base is not None else experts[0]
-    if chunk_size == "auto":
-        chunk_size = default_chunk(reference.device)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive number of elements, got {chunk_size}")
-
-    out = torch.empty(reference.numel(), dtype=_dtype(out_dtype) or reference.dtype, device=reference.device)
-    flat_experts = [e.reshape(-1) for e in experts]
-    flat_base = base.reshape(-1) if base is not None else None
-    kernel = spec.prepare(flat_experts, flat_base, weights, resolved, seed, name)
-    n = out.numel()
-    step = n if chunk_size is None else chunk_size
-    for start in range(0, n, max(step, 1)):
-        stop = min(n, start + step)
-        out[start:stop] = kernel(start, stop)
-    return out.view(reference.shape)
+    flat = [e if isinstance(e, RowStream) else e.reshape(-1) for e in experts]
+    flat_base = base if base is None or isinstance(base, RowStream) else base.reshape(-1)
+    return spec.prepare(flat, flat_base, weights, resolved, seed, name), (base if base is not None else experts[0])
 
 
 def _check_tensors(experts, base, where: str) -> None:
@@ -75,17 +109,8 @@ def _check_tensors(experts, base, where: str) -> None:
     for label, t in labelled:
         if not t.is_floating_point():
             raise ValueError(f"{label}{where} has dtype {t.dtype}; only floating-point tensors are merged")
-        if not _all_finite(t):
+        if not isinstance(t, RowStream) and not all_finite(t):  # a stream checks each window it reads
             raise ValueError(f"{label}{where} contains NaN or Inf values")
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf: one min/max reduction (NaN propagates into both; an Inf is the min or the max),
-    dozens of times faster on CPU than isfinite(t).all(), which materialises a bool tensor."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t.reshape(-1))
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:

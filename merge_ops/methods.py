@@ -22,7 +22,8 @@ import torch
 from . import kernels
 from .dropout import DropMask, KeptBits, stream_keys
 from .registry import Param, register
-from .topk import _SMALL, Bracket, _kth_largest_select, keep_count, sample_positions
+from .stream import RowStream
+from .topk import _SMALL, Bracket, RadixSelect, _kth_largest_select, keep_count, sample_positions
 
 Kernel = Callable[[int, int], torch.Tensor]
 
@@ -190,46 +191,64 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
     """Per expert, the k-th largest |delta| (None where density >= 1): one streamed pass over the
     tensor for all experts, each chunk's magnitudes computed, fed to a Bracket, and dropped."""
     n = base.numel()
-    todo = [i for i, d in enumerate(densities) if d < 1.0]
-    out: list[float | None] = [None] * len(experts)
-    if not todo:
-        return out
+    todo = {i: keep_count(d, n) for i, d in enumerate(densities) if d < 1.0}
     if n <= _SMALL:
-        for i in todo:
-            out[i] = _whole_tensor_threshold(experts[i], base, keep_count(densities[i], n))
-        return out
+        return [_whole_tensor_threshold(experts[i], base, todo[i]) if i in todo else None for i in range(len(experts))]
+    if isinstance(base, RowStream):
+        # A bracket collects the values inside it, a share of n; a stream's memory must not grow
+        # with n, so its thresholds come from two counting passes.
+        found = _radix_thresholds(experts, base, todo)
+        return [found.get(i) for i in range(len(experts))]
 
     # Experts with the same density share the sample positions (a function of n and k), and
     # every sample shares the base's values there.
     positions: dict[int, torch.Tensor] = {}
     base_at: dict[int, torch.Tensor] = {}
     brackets = {}
-    for i in todo:
-        k = keep_count(densities[i], n)
+    for i, k in todo.items():
         if k not in positions:
             positions[k] = sample_positions(n, k).to(base.device)
             base_at[k] = base[positions[k]].to(torch.float32)
         sample = (experts[i][positions[k]].to(torch.float32) - base_at[k]).abs_()
         brackets[i] = Bracket(n, k, sample)
+    for magnitudes in _magnitude_chunks(experts, base, todo):
+        for i, mag in magnitudes:
+            brackets[i].feed(mag)
+    found = {i: bracket.result() for i, bracket in brackets.items()}
+    # where the sampled bracket missed (adversarial data): two more passes, still exact
+    found |= _radix_thresholds(experts, base, {i: todo[i] for i, f in found.items() if f is None})
+    return [float(found[i]) if i in found else None for i in range(len(experts))]
+
+
+def _magnitude_chunks(experts, base, todo):
+    """Per chunk of the tensor, (i, |expert i - base|) for each i in todo: float32, in a buffer
+    valid until the next magnitudes are made."""
+    n = base.numel()
     scratch = _Scratch(base.device)
     block = default_chunk(base.device)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        m = stop - start
-        b = _load(scratch("base", m), base[start:stop])
-        mag = scratch("mag", m)
-        for i in todo:
-            brackets[i].feed(_sub_into(mag, experts[i][start:stop], b).abs_())
-    for i in todo:
-        found = brackets[i].result()
-        # the sampled bracket missed: select on the whole tensor
-        out[i] = float(found) if found is not None else _whole_tensor_threshold(experts[i], base, brackets[i].k)
-    return out
+        b = _load(scratch("base", stop - start), base[start:stop])
+        mag = scratch("mag", stop - start)
+        yield ((i, _sub_into(mag, experts[i][start:stop], b).abs_()) for i in todo)
 
 
-def _whole_tensor_threshold(expert: torch.Tensor, base: torch.Tensor, k: int) -> float:
-    """The k-th largest |expert - base|, selected on the whole tensor (small tensors, or a missed bracket)."""
-    return float(_kth_largest_select((expert.to(torch.float32) - base.to(torch.float32)).abs_(), k))
+def _radix_thresholds(experts, base, ks: dict[int, int]) -> dict[int, float]:
+    """The k-th largest |delta| of each expert i in ks (k = ks[i]), from two counting passes."""
+    selects = {i: RadixSelect(k) for i, k in ks.items()}
+    for _ in range(2 if selects else 0):
+        for magnitudes in _magnitude_chunks(experts, base, selects):
+            for i, mag in magnitudes:
+                selects[i].feed(mag)
+        for select in selects.values():
+            select.end_pass()
+    return {i: select.result() for i, select in selects.items()}
+
+
+def _whole_tensor_threshold(expert, base, k: int) -> float:
+    """The k-th largest |expert - base| of a small tensor, selected on all of it at once."""
+    n = base.numel()
+    return float(_kth_largest_select((expert[0:n].to(torch.float32) - base[0:n].to(torch.float32)).abs_(), k))
 
 
 @register(
@@ -264,14 +283,18 @@ def ties(experts, base, weights, params, seed, name) -> Kernel:
 # over one merge, glibc mapping every large block afresh): 10 + n_experts for DARE on torch's
 # path, fewer for the other methods and numpy's, with 2 to 8 experts; 2 spare.
 _SCRATCH_CHUNKS = 12
+_STREAM_CHUNKS = 4
 
 
-def scratch_bytes(n_experts: int, device: torch.device | str) -> int:
+def scratch_bytes(n_experts: int, device: torch.device | str, streamed: bool = False) -> int:
     """Host memory a merge's chunk buffers take at most (default chunking; the merge of a tensor
-    smaller than a chunk takes less). An accelerator merge keeps its buffers on the device."""
+    smaller than a chunk takes less). An accelerator merge keeps its buffers on the device.
+    streamed: a merge_stream's, which also joins the slices that cross windows and, for TIES, holds
+    RadixSelect's counters: 4 more chunks and the counters are reserved for them."""
     if torch.device(device).type != "cpu":
         return 0
-    return (_SCRATCH_CHUNKS + n_experts) * DEFAULT_CHUNK * 4
+    chunks = _SCRATCH_CHUNKS + n_experts + (_STREAM_CHUNKS if streamed else 0)
+    return chunks * DEFAULT_CHUNK * 4 + (n_experts * RadixSelect.COUNTERS_BYTES if streamed else 0)
 
 
 def kept_draw_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str,
@@ -319,8 +342,9 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
         prep = _Scratch(device)
         before, after = [0.0] * len(experts), [0.0] * len(experts)
         # On the numpy path (CPU) the draws are kept, n / 8 bytes per expert, for the merge pass:
-        # reading them back costs a tenth of drawing them again.
-        keeps = _keeps_draws(params, device)
+        # reading them back costs a tenth of drawing them again. Not for a stream, whose memory
+        # must not grow with the tensor.
+        keeps = _keeps_draws(params, device) and not isinstance(base, RowStream)
         record = [KeptBits(n) if keeps and not mask.drops_nothing else None for mask in masks]
         block = default_chunk(device)
         for start in range(0, n, block):

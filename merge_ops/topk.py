@@ -127,6 +127,48 @@ class Bracket:
         return None
 
 
+class RadixSelect:
+    """The k-th largest of non-negative float32 values seen chunk by chunk, exactly, in two passes
+    over them that hold 65536 counters, never the values. Non-negative floats order like their bit
+    patterns: pass 1 counts the high 16 bits to find the k-th's high half, pass 2 counts the low 16
+    bits of the values that share it. For values too many to collect (a streamed tensor's
+    magnitudes), and when a Bracket misses."""
+
+    COUNTERS_BYTES = (1 << 16) * 8 * 2  # the counters, and one chunk's counts being added to them
+
+    def __init__(self, k: int):
+        self.k = k
+        self._counts: torch.Tensor | None = None
+        self._high: int | None = None  # the k-th's high half, once pass 1 is done
+        self._rank = k                  # the k-th's rank among the values pass 2 counts
+        self._result: float | None = None
+
+    def feed(self, chunk: torch.Tensor) -> None:
+        """The next chunk of values (non-negative float32)."""
+        bits = chunk.view(torch.int32)  # non-negative: the sign bit is clear, shifts are logical
+        if self._counts is None:
+            self._counts = torch.zeros(1 << 16, dtype=torch.int64, device=chunk.device)
+        keys = bits >> 16 if self._high is None else bits[(bits >> 16) == self._high] & 0xFFFF
+        self._counts.add_(torch.bincount(keys, minlength=1 << 16))
+
+    def end_pass(self) -> None:
+        counts = self._counts.cpu().numpy() if self._counts is not None else np.zeros(1 << 16, dtype=np.int64)
+        at_or_above = np.cumsum(counts[::-1])[::-1]
+        if not 1 <= self._rank <= at_or_above[0]:
+            raise ValueError(f"k must be in [1, {int(at_or_above[0])}], got {self.k}")
+        b = int(np.flatnonzero(at_or_above >= self._rank)[-1])  # the bin holding the rank-th largest
+        if self._high is None:
+            self._high, self._rank = b, self._rank - int(at_or_above[b] - counts[b])
+            self._counts = None
+        else:
+            self._result = float(np.array([(self._high << 16) | b], dtype=np.uint32).view(np.float32)[0])
+
+    def result(self) -> float:
+        if self._result is None:
+            raise RuntimeError("RadixSelect.result before its two passes ended")
+        return self._result
+
+
 def _kth_largest_select(values: torch.Tensor, k: int) -> torch.Tensor:
     return _kth_smallest(values, values.numel() - k + 1)
 

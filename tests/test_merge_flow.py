@@ -116,6 +116,29 @@ def test_s3_merge_equals_merge_ops_loads_and_is_recorded(prefect_api, zoo, s3_zo
     assert str(lineage).count("expert-") >= 3
 
 
+def test_tensors_over_the_memory_budget_stream_from_s3_with_identical_output(
+        prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path, monkeypatch, capsys):
+    """A budget that holds a layer's tensors whole but not the embeddings': those are read from S3
+    and merged a window of rows at a time (TIES: three passes), to the same bits."""
+    import json
+
+    from merge_ops import scratch_bytes
+
+    base, experts = s3_zoo
+    recipe = write_recipe(tmp_path / "ties.yaml", base, experts)
+    embed = 96 * 32 * (4 * 2 + 2)  # vocab x hidden x (4 bf16 inputs + the bf16 output)
+    monkeypatch.setenv("MERGELINE_MEMORY_BUDGET_MB", str((scratch_bytes(3, "cpu", streamed=True) + 0.8 * embed) / 2**20))
+    out = f"s3://{bucket}/merged/streamed"
+    assert cli(["plan", str(recipe), "--output", out, "--json"]) == 0
+    units = {u["name"]: u for u in json.loads(capsys.readouterr().out)["units"]}
+    assert {n for n, u in units.items() if u["streamed_tensors"]} == {"model.embed_tokens", "lm_head"}
+    assert units["model.embed_tokens"]["peak_bytes"] < embed + scratch_bytes(3, "cpu", streamed=True)
+
+    assert cli(["merge", str(recipe), "--output", out, "--catalog", str(tmp_path / "c.duckdb")]) == 0
+    got, _ = load_output(out, tmp_path / "out", s3_env)
+    assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+
+
 def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
     base, experts = zoo
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]),

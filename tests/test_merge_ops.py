@@ -286,6 +286,164 @@ def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk, rescale, path
     assert torch.equal(whole, chunked)
 
 
+def row_streams(tensors, labels, window, reads=None, read_ahead=None):
+    """RowStreams over in-memory tensors; `reads` (a list) collects the rows each read asks for."""
+    def reader(t):
+        def read_rows(r0, r1):
+            if reads is not None:
+                reads.append(r1 - r0)
+            return t[r0:r1].clone()
+        return read_rows
+    return [merge_ops.RowStream(t.shape, t.dtype, reader(t), window, label, read_ahead=read_ahead)
+            for t, label in zip(tensors, labels)]
+
+
+def merge_streamed(method, experts, base, window, reads=None, read_ahead=None, **kw):
+    ex = row_streams(experts, [f"expert {i}" for i in range(len(experts))], window, reads, read_ahead)
+    b = row_streams([base], ["base"], window, reads, read_ahead)[0] if base is not None else None
+    blocks = []
+    merge_ops.merge_stream(method, ex, b, write=lambda rows: blocks.append(rows.clone()), **kw)
+    assert all(len(blk) <= window for blk in blocks)
+    return torch.cat(blocks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(merge_case(), st.sampled_from(ALL), st.integers(1, 5), st.sampled_from([True, "l1"]), PATHS)
+def test_streamed_equals_whole_bit_for_bit_small(case, method, window, rescale, path):
+    experts, base, weights, density = case
+    if base.dim() == 0:
+        return
+    params = {} if method in ("linear", "task_arithmetic") else {"density": density}
+    if method.startswith("dare"):
+        params["rescale"] = rescale
+    with kernels(path):
+        whole = merge_tensors(method, experts, base, weights=weights, name="w", **params)
+        streamed = merge_streamed(method, experts, base, window, weights=weights, name="w", **params)
+    assert torch.equal(streamed, whole)
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """A bf16 tensor of 700 x 1003 (several chunks, TIES's sampled-bracket path), 3 experts."""
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(700, 1003, generator=g) * 0.02).to(torch.bfloat16)
+    return [(base.float() + torch.randn(700, 1003, generator=g) * 0.002).to(torch.bfloat16) for _ in range(3)], base
+
+
+@pytest.mark.parametrize("method, params, passes", [
+    ("linear", {}, 1), ("task_arithmetic", {}, 1), ("ties", {"density": 0.2}, 3),
+    ("dare_linear", {"density": 0.3}, 1), ("dare_ties", {"density": 0.3, "rescale": "l1"}, 2),
+])
+@pytest.mark.parametrize("window", [1, 37, 700])  # 37 rows: windows that end inside a chunk
+@pytest.mark.parametrize("ahead", [False, True])
+def test_streamed_equals_whole_bit_for_bit(wide, method, params, passes, window, ahead, kernel_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    experts, base = wide
+    kw = dict(weights=[0.5, 1.0, 0.7], seed=3, name="w", **params)
+    reads = []
+    with ThreadPoolExecutor(1) as pool:
+        got = merge_streamed(method, experts, base if method != "linear" else None, window, reads,
+                             pool if ahead else None, **kw)
+    assert torch.equal(got, merge_tensors(method, experts, base, **kw))
+    inputs = len(experts) + (method != "linear")
+    # every pass reads every input once, window by window (a window holding all rows, once in all)
+    assert sum(reads) == inputs * 700 * (passes if window < 700 else 1)
+
+
+def test_streamed_ties_threshold_exact_when_the_bracket_misses(wide):
+    """A missed bracket selects again in two more streamed passes (histograms of bit patterns)."""
+    from merge_ops.topk import Bracket
+
+    experts, base = wide
+    kw = dict(weights=[0.5, 1.0, 0.7], name="w", density=0.2)
+    want = merge_tensors("ties", experts, base, **kw)
+    with mock.patch.object(Bracket, "result", lambda self: None):
+        assert torch.equal(merge_streamed("ties", experts, base, 50, **kw), want)
+        assert torch.equal(merge_tensors("ties", experts, base, **kw), want)
+
+
+def test_radix_select_is_exact():
+    from merge_ops.topk import RadixSelect
+
+    g = torch.Generator().manual_seed(5)
+    tied = (torch.randn(300_000, generator=g) * 0.01).to(torch.bfloat16).float().abs()
+    for values in (torch.randn(300_000, generator=g).abs(), tied, torch.cat([torch.zeros(1000), torch.arange(1, 50.0)])):
+        ranked = torch.sort(values, descending=True).values
+        for k in (1, 2, 17, 1000, values.numel() // 3, values.numel()):
+            select = RadixSelect(k)
+            for _ in range(2):
+                for i in range(0, values.numel(), 7777):
+                    select.feed(values[i:i + 7777])
+                select.end_pass()
+            assert select.result() == float(ranked[k - 1]), k
+
+
+def test_stream_names_the_input_and_rows_with_bad_values(wide):
+    experts, base = wide
+    bad = experts[1].clone()
+    bad[455, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"expert 1 contains NaN or Inf values \(rows 450\.\.500\)"):
+        merge_streamed("task_arithmetic", [experts[0], bad], base, 50)
+
+
+_PEAK_STREAMED = """
+import json, sys, numpy as np, torch
+from concurrent.futures import ThreadPoolExecutor
+import merge_ops
+
+def rss(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+rows, cols, k, window = 4096, 2048, 8, 64
+path = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+with open(path, "wb") as f:  # the base, then k experts: bf16 rows, as in a checkpoint file
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    f.write(base.view(torch.int16).numpy().tobytes())
+    for _ in range(k):
+        f.write((base.float() + torch.randn(rows, cols, generator=g) * 0.002).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+del base
+
+def stream(i):
+    def read_rows(r0, r1):
+        data = np.fromfile(path, dtype=np.int16, count=(r1 - r0) * cols, offset=(i * rows + r0) * cols * 2)
+        return torch.from_numpy(data).view(torch.bfloat16).reshape(r1 - r0, cols)
+    return merge_ops.RowStream((rows, cols), torch.bfloat16, read_rows, window, f"input {i}", read_ahead=pool)
+
+pool = ThreadPoolExecutor(1)  # as flows/unit streams: the next window of each input read ahead
+
+out = []
+for method, p in [("ties", {"density": 0.2}), ("dare_ties", {"density": 0.1, "rescale": "l1"})]:
+    written = []
+    before = rss("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
+    merge_ops.merge_stream(method, [stream(i) for i in range(1, k + 1)], stream(0), seed=1, name="w",
+                           write=lambda block: written.append(block.shape[0]), **p)
+    assert sum(written) == rows
+    out.append([method, rss("VmHWM") - before])
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux)")
+def test_streamed_merge_holds_windows_not_the_tensor(tmp_path):
+    """A tensor of 8.4M elements x 9 inputs (151 MiB of bf16) merged 64 rows at a time: the peak
+    RSS rises by two windows per input (one read ahead) and one of the output, plus the chunk
+    buffers (what flows/unit reserves for a streamed tensor), not by the tensor, even for TIES and
+    DARE with the L1 rescale, which read it several times."""
+    from merge_ops import scratch_bytes
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    got = subprocess.run([sys.executable, "-c", _PEAK_STREAMED, str(tmp_path / "inputs.bin")], env=env,
+                         check=True, capture_output=True, text=True)
+    windows = 64 * 2048 * 2 * (2 * 9 + 1)  # two windows of rows of each input, one of the output
+    merges = json.loads(got.stdout)
+    for method, extra in merges:
+        assert extra <= windows + scratch_bytes(8, "cpu", streamed=True), (method, extra / 2**20)
+    assert max(extra for _, extra in merges) > (windows + scratch_bytes(8, "cpu", streamed=True)) / 2  # not loose
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_output_dtype_defaults_to_base_and_can_be_overridden(dtype):
     base = torch.randn(4, 4).to(dtype)

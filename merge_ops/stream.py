@@ -1,0 +1,96 @@
+"""A tensor too large to hold, read one window of rows at a time.
+
+A merge reads its inputs in passes, each slicing them in order ([start:stop], chunk after chunk).
+A `RowStream` serves those slices from one window of rows and reads the next window when a slice
+runs past the current one, so the merge of a tensor with a billion elements holds a window per
+input, not the tensor. Each pass reads the inputs again: TIES three times (two counting passes for
+its thresholds, then the merge), DARE with the L1 rescale twice, the others once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+
+import torch
+
+
+class RowStream:
+    """Rows of a stored tensor, flattened to 1-D, read through `read_rows(r0, r1)` (which returns
+    rows [r0, r1) in `dtype`) at most `window_rows` at a time. `label` names the input in errors.
+    With `read_ahead` (an executor), the window after the current one is read while it is used:
+    two windows held instead of one."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, read_rows: Callable[[int, int], torch.Tensor],
+                 window_rows: int, label: str, device: torch.device | str = "cpu", read_ahead: Executor | None = None):
+        if not shape or window_rows < 1:
+            raise ValueError(f"{label}: a stream needs a tensor with rows and a window of at least one row")
+        self.shape, self.dtype, self.label = tuple(shape), dtype, label
+        self.device = torch.device(device)
+        self.row = 1
+        for d in self.shape[1:]:
+            self.row *= d
+        self.window_rows = window_rows
+        self._read_rows = read_rows
+        self._read_ahead = read_ahead
+        self._next: tuple[int, Future] | None = None  # (first row, its window being read)
+        self._window: torch.Tensor | None = None
+        self._start = self._stop = 0  # element range the window holds
+
+    def numel(self) -> int:
+        return self.shape[0] * self.row
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __getitem__(self, key: slice) -> torch.Tensor:
+        start, stop, step = key.indices(self.numel())
+        if step != 1:
+            raise ValueError(f"{self.label}: a stream is sliced with step 1 only")
+        pieces = []
+        while start < stop:
+            window = self._window_at(start)
+            end = min(stop, self._stop)
+            pieces.append(window[start - self._start:end - self._start])
+            start = end
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _window_at(self, element: int) -> torch.Tensor:
+        if not self._start <= element < self._stop:
+            self._window = None  # let it go before reading the next
+            r0 = element // self.row
+            ahead, self._next = self._next, None
+            window = ahead[1].result() if ahead and ahead[0] == r0 else self._read(r0)
+            r1 = r0 + window.numel() // self.row
+            if not all_finite(window):
+                raise ValueError(f"{self.label} contains NaN or Inf values (rows {r0}..{r1})")
+            if self._read_ahead is not None and r1 < self.shape[0]:  # not past the end: a new pass starts at 0
+                self._next = (r1, self._read_ahead.submit(self._read, r1))
+            self._window, self._start, self._stop = window, r0 * self.row, r1 * self.row
+        return self._window
+
+    def _read(self, r0: int) -> torch.Tensor:
+        r1 = min(self.shape[0], r0 + self.window_rows)
+        window = self._read_rows(r0, r1).reshape(-1).to(self.device)
+        if window.dtype != self.dtype or window.numel() != (r1 - r0) * self.row:
+            raise ValueError(f"{self.label}: rows {r0}..{r1} read as {window.dtype} x {window.numel()}, "
+                             f"expected {self.dtype} x {(r1 - r0) * self.row}")
+        return window
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf: one min/max reduction (NaN propagates into both; an Inf is the min or the max),
+    dozens of times faster on CPU than isfinite(t).all(), which materialises a bool tensor."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
+def window_rows(shape: tuple[int, ...], bytes_per_element: int, budget: int) -> int:
+    """Rows per window so that the windows held at once, `bytes_per_element` in all per element
+    of the tensor, take at most `budget` bytes (at least one row)."""
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    return max(1, min(shape[0], budget // max(1, row * bytes_per_element)))
