@@ -108,3 +108,22 @@ def test_unit_merges_on_cuda_write_the_shards_the_cpu_writes(tmp_path, method):
     for name, want in on_cpu.items():
         assert on_gpu[name].dtype == torch.float32
         torch.testing.assert_close(on_gpu[name], want, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_streamed_unit_merges_on_cuda_write_the_shards_the_cpu_writes(tmp_path, method, monkeypatch):
+    """A budget too small for the embeddings whole: on CUDA they stream, window by window (TIES's
+    counting passes on the device), and match the CPU's whole-tensor merge."""
+    base, experts = _tiny_zoo(tmp_path)
+    on_cpu = _merge_units(base, experts, method, "cpu", tmp_path / "cpu")
+    import flows.unit
+
+    monkeypatch.setenv("MERGELINE_MEMORY_BUDGET_MB", "0.3")  # embeddings: 512 x 64 x (4 bf16 + 1 fp32) = 384 KiB
+    streamed = []
+    merge_streamed = flows.unit._merge_streamed
+    monkeypatch.setattr(flows.unit, "_merge_streamed", lambda job, name, *a: streamed.append(name) or
+                        merge_streamed(job, name, *a))
+    on_gpu = _merge_units(base, experts, method, "cuda", tmp_path / "gpu")
+    assert sorted(streamed) == ["lm_head.weight", "model.embed_tokens.weight"]
+    for name, want in on_cpu.items():
+        torch.testing.assert_close(on_gpu[name], want, rtol=1e-5, atol=1e-7, msg=name)
