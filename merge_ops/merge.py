@@ -39,7 +39,7 @@ def merge_tensors(
     kernel, reference = _prepare(method, experts, base, weights, seed, name, params)
     out = torch.empty(reference.numel(), dtype=dtype or reference.dtype, device=reference.device)
     n = out.numel()
-    step = {"auto": default_chunk(reference.device), None: n}.get(chunk_size, chunk_size)
+    step = n if chunk_size is None else default_chunk(reference.device) if chunk_size == "auto" else chunk_size
     for start in range(0, n, max(step, 1)):
         stop = min(n, start + step)
         out[start:stop] = kernel(start, stop)

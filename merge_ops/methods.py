@@ -188,8 +188,9 @@ def task_arithmetic(experts, base, weights, params, seed, name) -> Kernel:
 
 
 def _ties_thresholds(experts, base, densities) -> list[float | None]:
-    """Per expert, the k-th largest |delta| (None where density >= 1): one streamed pass over the
-    tensor for all experts, each chunk's magnitudes computed, fed to a Bracket, and dropped."""
+    """Per expert, the k-th largest |delta| (None where density >= 1): one pass over the tensor
+    for all experts, each chunk's magnitudes computed, fed to a Bracket, and dropped; for a
+    RowStream, or where a bracket missed, two counting passes (RadixSelect)."""
     n = base.numel()
     todo = {i: keep_count(d, n) for i, d in enumerate(densities) if d < 1.0}
     if n <= _SMALL:

@@ -9,6 +9,7 @@ its thresholds, then the merge), DARE with the L1 rescale twice, the others once
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
@@ -27,9 +28,7 @@ class RowStream:
             raise ValueError(f"{label}: a stream needs a tensor with rows and a window of at least one row")
         self.shape, self.dtype, self.label = tuple(shape), dtype, label
         self.device = torch.device(device)
-        self.row = 1
-        for d in self.shape[1:]:
-            self.row *= d
+        self.row = math.prod(self.shape[1:])  # elements per row
         self.window_rows = window_rows
         self._read_rows = read_rows
         self._read_ahead = read_ahead
@@ -90,7 +89,4 @@ def all_finite(t: torch.Tensor) -> bool:
 def window_rows(shape: tuple[int, ...], bytes_per_element: int, budget: int) -> int:
     """Rows per window so that the windows held at once, `bytes_per_element` in all per element
     of the tensor, take at most `budget` bytes (at least one row)."""
-    row = 1
-    for d in shape[1:]:
-        row *= d
-    return max(1, min(shape[0], budget // max(1, row * bytes_per_element)))
+    return max(1, min(shape[0], budget // max(1, math.prod(shape[1:]) * bytes_per_element)))

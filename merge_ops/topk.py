@@ -4,10 +4,12 @@ TIES keeps every entry whose magnitude is at least the k-th largest. mergekit fi
 full argsort (O(n log n), several n-sized index buffers). Here a small random sample brackets
 the answer, one streamed pass counts what lies above the bracket and collects the few entries
 inside it, and an exact selection runs only on those. If the bracket misses (adversarial data),
-it falls back to torch.kthvalue on the whole tensor, so the answer is always exact.
+`kth_largest` falls back to torch.kthvalue on the whole tensor, so the answer is always exact.
 
 `Bracket` is the streamed form: the values never need to exist as one tensor, so TIES computes
-each chunk's magnitudes, feeds them, and lets them go.
+each chunk's magnitudes, feeds them, and lets them go. `RadixSelect` needs two passes but only
+65,536 counters: TIES takes it where a bracket missed, and for tensors too large to hold, whose
+bracket's candidates would grow with them.
 """
 
 from __future__ import annotations
