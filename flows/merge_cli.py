@@ -60,8 +60,9 @@ def _plan(args) -> int:
 
     plan = make_plan(load_recipe(args.recipe, output=args.output))
     jobs = [UnitJob.from_plan(plan, u, staging="") for u in plan.units]
-    peaks = [unit_bytes(job) for job in jobs]
-    streamed = [sum(bool(s.window) for s in tensor_steps(job)) for job in jobs]
+    steps = [tensor_steps(job) for job in jobs]
+    peaks = [unit_bytes(job, s) for job, s in zip(jobs, steps, strict=True)]
+    streamed = [sum(bool(t.window) for t in s) for s in steps]
     if args.json:
         print(json.dumps({
             "output": plan.output, "method": plan.recipe.method, "device": plan.device, "notes": plan.notes,

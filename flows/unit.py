@@ -108,13 +108,13 @@ def tensor_steps(job: UnitJob) -> list[TensorStep]:
     room = memory_budget() - scratch_bytes(len(job.experts), job.device, streamed=True)
     steps: list[TensorStep] = []
     for name, out_dtype, shape in job.specs:
-        per_element = sum(c.tensors[name].torch_dtype.itemsize for c in job.sources) + out_dtype.itemsize
+        per_input = sum(c.tensors[name].torch_dtype.itemsize for c in job.sources)  # bytes per element
         numel = math.prod(shape)
-        whole = numel * per_element + kept_draw_bytes(job.method, job.parameters, len(job.experts), numel,
-                                                      job.device, merge_threads())
-        inputs = sum(c.tensors[name].nbytes for c in job.sources)
+        inputs = numel * per_input
+        whole = inputs + numel * out_dtype.itemsize + kept_draw_bytes(
+            job.method, job.parameters, len(job.experts), numel, job.device, merge_threads())
         if shape and whole > room:  # two windows of each input (one read ahead) and one of the output
-            windowed = per_element + sum(c.tensors[name].torch_dtype.itemsize for c in job.sources)
+            windowed = 2 * per_input + out_dtype.itemsize
             rows = window_rows(shape, windowed, room // 4)
             steps.append(TensorStep(name, rows, rows * math.prod(shape[1:]) * windowed, False, 0))
         else:
@@ -123,11 +123,11 @@ def tensor_steps(job: UnitJob) -> list[TensorStep]:
     return steps
 
 
-def unit_bytes(job: UnitJob) -> int:
+def unit_bytes(job: UnitJob, steps: list[TensorStep] | None = None) -> int:
     """Memory a unit holds at its peak: a tensor's merge (TensorStep.held) and the next tensor's
     inputs read ahead, plus the merge's chunk buffers (merge_ops.scratch_bytes). The writer
-    streams the merged tensor as it is, adding none."""
-    steps = tensor_steps(job)
+    streams the merged tensor as it is, adding none. `steps`: tensor_steps(job), if already made."""
+    steps = tensor_steps(job) if steps is None else steps
     ahead = [nxt.inputs if nxt.read_ahead else 0 for nxt in steps[1:]] + [0]
     scratch = scratch_bytes(len(job.experts), job.device, streamed=any(s.window for s in steps))
     return max(s.held + a for s, a in zip(steps, ahead, strict=True)) + scratch
@@ -141,7 +141,7 @@ def run_unit(job: UnitJob) -> dict:
     """
     steps = tensor_steps(job)
     sources = job.sources
-    with _budget.reserve(unit_bytes(job)), \
+    with _budget.reserve(unit_bytes(job, steps)), \
             ShardWriter(job.staging, job.unit.shard, list(job.specs)) as writer, \
             ThreadPoolExecutor(max_workers=1) as prefetch:
         remote = any(is_s3(c.uri) for c in sources)
