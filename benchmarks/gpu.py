@@ -9,9 +9,14 @@ call the flow's GPU path makes per tensor. Two timings per method:
 
 - on-GPU: inputs already in GPU memory (the kernels alone);
 - from host: inputs in (pageable) CPU memory, copied to the GPU per tensor and the result copied
-  back, as flows/unit.py does when a recipe says `device: cuda`.
+  back, as flows/unit.py does when a recipe says `device: cuda`;
+- streamed: every tensor merged as flows/unit.py merges one larger than its memory budget
+  (merge_ops.merge_stream over RowStreams of the host tensors, --window-mib per input window, the
+  next window copied while one merges, merged rows copied back window by window).
 
-GB/s = bytes of input tensors (experts + base, bf16) / seconds. Writes gpu-results.json and
+GB/s = bytes of input tensors (experts + base, bf16) / seconds. "GPU MiB held" is the peak of GPU
+memory allocated beyond the resident on-GPU inputs: a whole tensor's inputs, output and scratch
+from host, a few windows streamed. Writes gpu-results.json and
 gpu-results.md to $OUT (or .bench/) and prints the Markdown table.
 """
 
@@ -22,6 +27,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.checkpoints import parse_count  # noqa: E402
-from merge_ops import merge_tensors  # noqa: E402
+from merge_ops import RowStream, merge_stream, merge_tensors, window_rows  # noqa: E402
 
 METHODS = {
     "linear": {},
@@ -61,6 +67,7 @@ def main() -> int:
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed passes per method; the best is reported")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--window-mib", type=float, default=32, help="streamed pass: MiB per input window (default 32)")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to check this script")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -100,14 +107,26 @@ def main() -> int:
             moved = [x.to(dev, non_blocking=True) for x in e]
             merge_tensors(method, moved, b.to(dev), name=name, out_dtype=torch.bfloat16, **kw).cpu()
 
+    window_bytes = int(args.window_mib * 2**20)
+    copier = ThreadPoolExecutor(max_workers=args.experts + 1)
+
+    def run_streamed(method: str, kw: dict) -> None:  # what flows/unit.py does with a tensor over the budget
+        for name, b, e in host:
+            rows = window_rows(b.shape, b.element_size(), window_bytes)
+            b_s, *e_s = [RowStream(t.shape, t.dtype, lambda r0, r1, t=t: t[r0:r1], rows, f"{name} input {i}", dev,
+                                   copier) for i, t in enumerate([b, *e])]
+            merge_stream(method, e_s, b_s, write=lambda block: block.cpu(), name=name, out_dtype=torch.bfloat16,
+                         **kw)
+
     results = {}
     for method in [m for m in args.methods.split(",") if m]:
         kw = METHODS[method]
         row = {}
-        for label, fn in (("gpu", run_gpu), ("host", run_host)):
+        for label, fn in (("gpu", run_gpu), ("host", run_host), ("streamed", run_streamed)):
             merge_tensors(method, tensors[-1][2], tensors[-1][1], name="warmup", **kw)  # compile/caches
             sync()
             best = float("inf")
+            resident = torch.cuda.memory_allocated() if cuda else 0  # the on-GPU inputs
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(args.repeats):
@@ -116,19 +135,24 @@ def main() -> int:
                 sync()
                 best = min(best, time.perf_counter() - t0)
             row[label] = {"seconds": best, "gb_s": in_bytes / best / 1e9,
-                          "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+                          "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                          "held_gpu_mib": (torch.cuda.max_memory_allocated() - resident) / 2**20 if cuda else 0.0}
         results[method] = row
         print(f"  {method:16s} on-GPU {row['gpu']['seconds']:6.2f} s {row['gpu']['gb_s']:7.1f} GB/s | "
-              f"from host {row['host']['seconds']:6.2f} s {row['host']['gb_s']:6.1f} GB/s", flush=True)
+              f"from host {row['host']['seconds']:6.2f} s {row['host']['gb_s']:6.1f} GB/s | "
+              f"streamed {row['streamed']['seconds']:6.2f} s {row['streamed']['gb_s']:6.1f} GB/s", flush=True)
 
     md = [f"GPU: {info['device']} ({info['memory_gib']:.0f} GiB), torch {info['torch']} (CUDA {info['cuda']}), "
           f"{info['date']}. {n_params / 1e9:.2f}B parameters, a base and {args.experts} experts in bf16 "
-          f"({in_bytes / 1e9:.1f} GB of inputs); best of {args.repeats}. Command: `bash benchmarks/gpu.sh`.", "",
-          "| method | on-GPU s | on-GPU GB/s | from host s | from host GB/s | peak GPU GiB |",
-          "|---|--:|--:|--:|--:|--:|"]
+          f"({in_bytes / 1e9:.1f} GB of inputs); best of {args.repeats}; streamed windows of {args.window_mib:g} MiB "
+          f"per input. Command: `bash benchmarks/gpu.sh`.", "",
+          "| method | on-GPU s | on-GPU GB/s | from host s | from host GB/s | streamed s | streamed GB/s "
+          "| GPU MiB held, from host | GPU MiB held, streamed |",
+          "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for method, row in results.items():
         md.append(f"| {method} | {row['gpu']['seconds']:.2f} | {row['gpu']['gb_s']:.1f} | {row['host']['seconds']:.2f} "
-                  f"| {row['host']['gb_s']:.1f} | {max(row['gpu']['peak_gpu_gib'], row['host']['peak_gpu_gib']):.1f} |")
+                  f"| {row['host']['gb_s']:.1f} | {row['streamed']['seconds']:.2f} | {row['streamed']['gb_s']:.1f} "
+                  f"| {row['host']['held_gpu_mib']:.0f} | {row['streamed']['held_gpu_mib']:.0f} |")
     text = "\n".join(md) + "\n"
     out_dir = Path(os.environ.get("OUT") or ROOT / ".bench")
     out_dir.mkdir(parents=True, exist_ok=True)
