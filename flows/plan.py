@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
-from storage import Checkpoint, CheckpointError, check_compatible, open_checkpoint, validate_output_uri
+from storage import (
+    Checkpoint,
+    CheckpointError,
+    ReadCache,
+    check_compatible,
+    open_checkpoint,
+    validate_output_uri,
+)
 
 from .recipe import Recipe
 from .selection import resolve_recipe
@@ -114,9 +121,12 @@ def make_plan(recipe: Recipe) -> Plan:
 
 
 def _open_all(uris: list[str]) -> tuple[dict[str, Checkpoint], list[str]]:
+    """The inputs, opened with the read cache if MERGELINE_CACHE_DIR sets one: then every byte
+    range of an S3 input is downloaded once, for this merge's passes and for later runs."""
     opened, errors = {}, []
+    cache = ReadCache.from_env()
     with ThreadPoolExecutor(max_workers=8) as pool:
-        futures = {u: pool.submit(open_checkpoint, u) for u in dict.fromkeys(uris)}
+        futures = {u: pool.submit(open_checkpoint, u, cache=cache) for u in dict.fromkeys(uris)}
     for uri, fut in futures.items():
         try:
             opened[uri] = fut.result()

@@ -22,6 +22,8 @@ from storage.uri import FileIdentity
 
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600
+_shared: dict[tuple[int, str, int], ReadCache] = {}
+_shared_lock = threading.Lock()
 
 
 @dataclass
@@ -56,7 +58,12 @@ class ReadCache:
         directory = os.environ.get("MERGELINE_CACHE_DIR")
         if not directory:
             return None
-        return cls(directory, int(float(os.environ.get("MERGELINE_CACHE_MAX_GB", "50")) * 1e9))
+        return shared_cache(directory, int(float(os.environ.get("MERGELINE_CACHE_MAX_GB", "50")) * 1e9))
+
+    def __reduce__(self):
+        """A cache travels to another process (a Dask worker, with the checkpoints of a task) as its
+        directory and bound, and becomes that process's shared cache there."""
+        return shared_cache, (str(self.directory.absolute()), self.max_bytes)
 
     def _path(self, ident: FileIdentity, start: int, end: int) -> Path:
         key = json.dumps([ident.uri, ident.size, ident.etag, ident.version_id, start, end])
@@ -134,6 +141,17 @@ class ReadCache:
 
     def size_bytes(self) -> int:
         return self._scan()[0]
+
+
+def shared_cache(directory: str | Path, max_bytes: int) -> ReadCache:
+    """This process's one cache for a directory and bound: its threads share the size count and
+    the stats, and the directory is scanned once, not per task. A module-level function, so that
+    pickles (cloudpickle's too) name it instead of copying it with its registry."""
+    key = (os.getpid(), str(Path(directory).absolute()), int(max_bytes))
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = ReadCache(directory, max_bytes)
+        return _shared[key]
 
 
 def with_missing_ok(path: Path) -> None:

@@ -139,6 +139,39 @@ def test_tensors_over_the_memory_budget_stream_from_s3_with_identical_output(
     assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
 
 
+def test_read_cache_downloads_each_range_of_an_s3_input_once(
+        prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path, monkeypatch):
+    """MERGELINE_CACHE_DIR: a streamed TIES merge reads its embeddings three times, from S3 once;
+    a second merge of the same inputs downloads nothing."""
+    import storage.reader
+    from merge_ops import scratch_bytes
+
+    base, experts = s3_zoo
+    recipe = write_recipe(tmp_path / "ties.yaml", base, experts)
+    embed = 96 * 32 * (4 * 2 + 2)
+    monkeypatch.setenv("MERGELINE_MEMORY_BUDGET_MB", str((scratch_bytes(3, "cpu", streamed=True) + 0.8 * embed) / 2**20))
+    monkeypatch.setenv("MERGELINE_CACHE_DIR", str(tmp_path / "cache"))
+    downloads = []  # (file, start, end) of every read from an input on S3
+    read_into = storage.reader.read_into
+
+    def counted(ident, start, out):
+        if ident.uri.startswith((base, *experts)):
+            downloads.append((ident.uri, start, start + len(out)))
+        return read_into(ident, start, out)
+
+    monkeypatch.setattr(storage.reader, "read_into", counted)
+    for run in ("first", "second"):
+        downloads.clear()
+        out = f"s3://{bucket}/merged/cached-{run}"
+        assert cli(["merge", str(recipe), "--output", out, "--catalog", str(tmp_path / "c.duckdb")]) == 0
+        got, _ = load_output(out, tmp_path / run, s3_env)
+        assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+        if run == "first":
+            assert len(downloads) > 4 * len(got) and len(set(downloads)) == len(downloads)
+        else:
+            assert downloads == []
+
+
 def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
     base, experts = zoo
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]),
@@ -192,17 +225,22 @@ def test_s3_faults_are_retried_with_identical_output(prefect_api, zoo, s3_zoo, s
     assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
 
 
-def test_dask_cluster_gives_identical_output(prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path):
+def test_dask_cluster_gives_identical_output(prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path, monkeypatch):
+    """Worker processes merge the units; with MERGELINE_CACHE_DIR set on the flow's machine they
+    also fill the read cache (the checkpoints they receive carry it)."""
     from distributed import LocalCluster
 
     base, experts = s3_zoo
     text = MERGEKIT_TIES.replace("merge_method: ties", "merge_method: dare_ties")
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base, experts, text), output=f"s3://{bucket}/merged/dask")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.setenv("MERGELINE_CACHE_DIR", str(tmp_path / "cache"))  # after the workers started
         summary = run_merge(recipe, runner="dask", address=cluster.scheduler_address,
                             catalog_path=str(tmp_path / "c.duckdb"))
     got, _ = load_output(summary["output"], tmp_path / "out", s3_env)
     assert_same(got, expected_merge(zoo, text))
+    tensor_bytes = sum(t.nbytes for uri in (base, *experts) for t in storage.open_checkpoint(uri).tensors.values())
+    assert storage.ReadCache(tmp_path / "cache", 10**9).size_bytes() >= tensor_bytes  # the workers' downloads
 
 
 def test_invalid_inputs_fail_before_any_task(prefect_api, zoo, tmp_path, capsys):

@@ -56,6 +56,42 @@ def test_rerun_downloads_nothing_twice(tiny_llamas, bucket, put_s3_dir, s3_fault
 
 
 @pytest.mark.parametrize("s3_faults", [NO_FAULTS], indirect=True)
+def test_a_checkpoint_travels_with_its_cache_to_another_process(tiny_llamas, bucket, put_s3_dir, s3_faults,
+                                                                 tmp_path, monkeypatch):
+    """A merge task's checkpoints are pickled to Dask workers: the cache goes as its directory and
+    bound, and in the worker reads hit what the flow process downloaded."""
+    import pickle
+
+    uri = put_s3_dir(tiny_llamas["single"], bucket, "m")
+    monkeypatch.setenv("MERGELINE_CACHE_DIR", str(tmp_path / "cache"))
+    cache = ReadCache.from_env()
+    assert ReadCache.from_env() is cache  # one per process and directory
+    ck = open_checkpoint(uri, cache=cache)
+    want = read_all(ck)
+    assert pickle.loads(pickle.dumps(ck)).cache is cache
+
+    s3_faults.clear_log()
+    worker = f"""
+import pickle, sys
+import torch
+from tests.test_storage_cache import read_all
+ck = pickle.loads(sys.stdin.buffer.read())
+got = read_all(ck)
+print(ck.cache.stats.hits, ck.cache.stats.misses, ck.cache.directory)
+sys.stdout.flush()
+torch.save(got, {str(tmp_path / "got.pt")!r})
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MERGELINE_CACHE_DIR"}  # the worker is told nothing
+    done = subprocess.run([sys.executable, "-c", worker], input=pickle.dumps(ck), capture_output=True, env=env,
+                          check=True)
+    hits, misses, directory = done.stdout.decode().split()
+    assert int(hits) >= len(want) and int(misses) == 0 and directory == str(tmp_path / "cache")
+    assert object_gets(s3_faults) == []
+    got = torch.load(tmp_path / "got.pt")
+    assert all(torch.equal(got[n], w) for n, w in want.items())
+
+
+@pytest.mark.parametrize("s3_faults", [NO_FAULTS], indirect=True)
 def test_cache_is_keyed_by_range_and_identity(tiny_llamas, bucket, put_s3_dir, s3_server, s3_faults, tmp_path):
     local = tiny_llamas["single"]
     uri = put_s3_dir(local, bucket, "m")
