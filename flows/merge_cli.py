@@ -83,10 +83,24 @@ def _plan(args) -> int:
                   f"peak per task ~{_mb(max(peaks))} MB")
     if any(streamed):
         console.print(f"{sum(streamed)} tensors do not fit the memory budget whole: they are read and merged a "
-                      "window of rows at a time (TIES reads their inputs three times, DARE with rescale: l1 twice)")
+                      "window of rows at a time (TIES reads their inputs three times, DARE with rescale: l1 twice)"
+                      + _pass_source(plan))
     for note in plan.notes:
         console.print(f"note: {note}")
     return 0
+
+
+def _pass_source(plan) -> str:
+    """Where a streamed tensor's later passes read from, when inputs are on S3."""
+    from storage import ReadCache
+    from storage.uri import is_s3
+
+    if not any(is_s3(c.uri) for c in (*plan.experts, *([plan.base] if plan.base else []))):
+        return ""
+    cache = ReadCache.from_env()
+    if cache:
+        return f"; from S3 once, then from the read cache in {cache.directory}"
+    return "; from S3 on every pass: set MERGELINE_CACHE_DIR to download each range once"
 
 
 def _merge(args) -> int:

@@ -140,7 +140,7 @@ def test_tensors_over_the_memory_budget_stream_from_s3_with_identical_output(
 
 
 def test_read_cache_downloads_each_range_of_an_s3_input_once(
-        prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path, monkeypatch):
+        prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path, monkeypatch, capsys):
     """MERGELINE_CACHE_DIR: a streamed TIES merge reads its embeddings three times, from S3 once;
     a second merge of the same inputs downloads nothing."""
     import storage.reader
@@ -150,7 +150,12 @@ def test_read_cache_downloads_each_range_of_an_s3_input_once(
     recipe = write_recipe(tmp_path / "ties.yaml", base, experts)
     embed = 96 * 32 * (4 * 2 + 2)
     monkeypatch.setenv("MERGELINE_MEMORY_BUDGET_MB", str((scratch_bytes(3, "cpu", streamed=True) + 0.8 * embed) / 2**20))
+    assert cli(["plan", str(recipe), "--output", f"s3://{bucket}/merged/x"]) == 0
+    squeezed = lambda text: "".join(text.split())  # noqa: E731 (rich wraps lines at its width)
+    assert squeezed("from S3 on every pass: set MERGELINE_CACHE_DIR") in squeezed(capsys.readouterr().out)
     monkeypatch.setenv("MERGELINE_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli(["plan", str(recipe), "--output", f"s3://{bucket}/merged/x"]) == 0
+    assert squeezed(f"then from the read cache in {tmp_path / 'cache'}") in squeezed(capsys.readouterr().out)
     downloads = []  # (file, start, end) of every read from an input on S3
     read_into = storage.reader.read_into
 
