@@ -262,8 +262,8 @@ def _merge_streamed(job: UnitJob, name: str, rows: int, writer: ShardWriter, rea
     labels = [f"expert {i} ({c.uri})" for i, c in enumerate(job.experts)]
     labels += [f"the base ({job.base.uri})"] if job.base else []
     streams = [RowStream(c.tensors[name].shape, c.tensors[name].torch_dtype,
-                         lambda r0, r1, c=c: c.read_tensor(name, (r0, r1)), rows, f"{label}, tensor {name!r}",
-                         job.device, read_ahead)
+                         lambda r0, r1, out, c=c: c.read_tensor(name, (r0, r1), out), rows,
+                         f"{label}, tensor {name!r}", job.device, read_ahead, fills=True)
                for c, label in zip(job.sources, labels, strict=True)]
     experts, base = streams[: len(job.experts)], (streams[-1] if job.base else None)
     with _merge_thread_count() if job.device == "cpu" else _gpu_slot(job.device):

@@ -20,20 +20,30 @@ class RowStream:
     """Rows of a stored tensor, flattened to 1-D, read through `read_rows(r0, r1)` (which returns
     rows [r0, r1) in `dtype`) at most `window_rows` at a time. `label` names the input in errors.
     With `read_ahead` (an executor), the window after the current one is read while it is used:
-    two windows held instead of one."""
+    two windows held instead of one.
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, read_rows: Callable[[int, int], torch.Tensor],
-                 window_rows: int, label: str, device: torch.device | str = "cpu", read_ahead: Executor | None = None):
+    With `fills`, `read_rows(r0, r1, out)` fills `out` (those rows, flattened, in `dtype`, on the
+    CPU) instead, and the stream reads every window into the same one or two buffers: windows
+    then never churn the allocator, whose freed blocks fragment into memory it keeps. A slice is
+    then valid until the next slice of the same stream is taken (the merge kernels use each
+    slice at once)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, read_rows: Callable[..., torch.Tensor],
+                 window_rows: int, label: str, device: torch.device | str = "cpu", read_ahead: Executor | None = None,
+                 fills: bool = False):
         if not shape or window_rows < 1:
             raise ValueError(f"{label}: a stream needs a tensor with rows and a window of at least one row")
         self.shape, self.dtype, self.label = tuple(shape), dtype, label
         self.device = torch.device(device)
         self.row = math.prod(self.shape[1:])  # elements per row
-        self.window_rows = window_rows
+        self.window_rows = min(window_rows, self.shape[0])
         self._read_rows = read_rows
         self._read_ahead = read_ahead
-        self._next: tuple[int, Future] | None = None  # (first row, its window being read)
+        # buffers a window is read into, when read_rows fills them: one per window held
+        self._buffers: list[torch.Tensor | None] | None = [None] * (1 + (read_ahead is not None)) if fills else None
+        self._next: tuple[int, Future, int] | None = None  # (first row, its window being read, its buffer)
         self._window: torch.Tensor | None = None
+        self._buffer = 0  # the buffer holding the current window
         self._start = self._stop = 0  # element range the window holds
 
     def numel(self) -> int:
@@ -48,6 +58,8 @@ class RowStream:
             raise ValueError(f"{self.label}: a stream is sliced with step 1 only")
         pieces = []
         while start < stop:
+            if pieces and self._buffers is not None:
+                pieces[-1] = pieces[-1].clone()  # its buffer is about to be read into
             window = self._window_at(start)
             end = min(stop, self._stop)
             pieces.append(window[start - self._start:end - self._start])
@@ -59,21 +71,34 @@ class RowStream:
             self._window = None  # let it go before reading the next
             r0 = element // self.row
             ahead, self._next = self._next, None
-            window = ahead[1].result() if ahead and ahead[0] == r0 else self._read(r0)
+            if ahead and ahead[0] == r0:
+                window, self._buffer = ahead[1].result(), ahead[2]
+            else:
+                if ahead:
+                    ahead[1].result()  # its buffer may be the one read into next
+                window = self._read(r0, self._buffer)
             r1 = r0 + window.numel() // self.row
             if not all_finite(window):
                 raise ValueError(f"{self.label} contains NaN or Inf values (rows {r0}..{r1})")
             if self._read_ahead is not None and r1 < self.shape[0]:  # not past the end: a new pass starts at 0
-                self._next = (r1, self._read_ahead.submit(self._read, r1))
+                other = 1 - self._buffer if self._buffers is not None else 0
+                self._next = (r1, self._read_ahead.submit(self._read, r1, other), other)
             self._window, self._start, self._stop = window, r0 * self.row, r1 * self.row
         return self._window
 
-    def _read(self, r0: int) -> torch.Tensor:
+    def _read(self, r0: int, buffer: int) -> torch.Tensor:
         r1 = min(self.shape[0], r0 + self.window_rows)
-        window = self._read_rows(r0, r1).reshape(-1).to(self.device)
-        if window.dtype != self.dtype or window.numel() != (r1 - r0) * self.row:
+        n = (r1 - r0) * self.row
+        if self._buffers is None:
+            window = self._read_rows(r0, r1)
+        else:
+            if self._buffers[buffer] is None:
+                self._buffers[buffer] = torch.empty(self.window_rows * self.row, dtype=self.dtype)
+            window = self._read_rows(r0, r1, self._buffers[buffer][:n])
+        window = window.reshape(-1).to(self.device)
+        if window.dtype != self.dtype or window.numel() != n:
             raise ValueError(f"{self.label}: rows {r0}..{r1} read as {window.dtype} x {window.numel()}, "
-                             f"expected {self.dtype} x {(r1 - r0) * self.row}")
+                             f"expected {self.dtype} x {n}")
         return window
 
 

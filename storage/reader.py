@@ -64,12 +64,16 @@ def io_pool(size: int) -> ThreadPoolExecutor:
         return _pools[key]
 
 
-def fetch(ident: FileIdentity, start: int, end: int, cache: ReadCache | None) -> torch.Tensor:
-    """Bytes [start, end) of a file as a uint8 tensor, read straight into its memory.
+def fetch(ident: FileIdentity, start: int, end: int, cache: ReadCache | None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bytes [start, end) of a file as a uint8 tensor, read straight into its memory (`out`'s,
+    if given: a contiguous CPU tensor of exactly that many bytes).
 
     Only S3 reads go through the cache: copying a local file into a local cache gains nothing.
     """
-    buf = torch.empty(end - start, dtype=torch.uint8)
+    buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out.reshape(-1).view(torch.uint8)
+    if buf.numel() != end - start:
+        raise ValueError(f"{ident.uri}: {end - start} bytes to read into a buffer of {buf.numel()}")
     if end == start:
         return buf
     out = memoryview(buf.numpy())
@@ -126,8 +130,10 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({self.uri!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
 
-    def read_tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor (or rows [r0, r1) of its first dimension) as a CPU tensor in its stored dtype."""
+    def read_tensor(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The tensor (or rows [r0, r1) of its first dimension) as a CPU tensor in its stored dtype:
+        new memory, or `out`'s (a contiguous CPU tensor of that many bytes) filled."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.uri}: no tensor {name!r}")
@@ -139,7 +145,7 @@ class Checkpoint:
             row_bytes = (info.nbytes // shape[0]) if shape[0] else 0
             start, end = info.start + r0 * row_bytes, info.start + r1 * row_bytes
             shape = (r1 - r0, *shape[1:])
-        buf = fetch(self.files[info.file], start, end, self.cache)
+        buf = fetch(self.files[info.file], start, end, self.cache, out)
         return buf.view(info.torch_dtype).reshape(shape)
 
     def read_bytes(self, filename: str) -> bytes:

@@ -286,21 +286,22 @@ def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk, rescale, path
     assert torch.equal(whole, chunked)
 
 
-def row_streams(tensors, labels, window, reads=None, read_ahead=None):
-    """RowStreams over in-memory tensors; `reads` (a list) collects the rows each read asks for."""
+def row_streams(tensors, labels, window, reads=None, read_ahead=None, fills=False):
+    """RowStreams over in-memory tensors; `reads` (a list) collects the rows each read asks for.
+    fills: the reads fill the stream's buffers (as flows/unit's do) instead of returning copies."""
     def reader(t):
-        def read_rows(r0, r1):
+        def read_rows(r0, r1, out=None):
             if reads is not None:
                 reads.append(r1 - r0)
-            return t[r0:r1].clone()
+            return t[r0:r1].clone() if out is None else out.copy_(t[r0:r1].reshape(-1))
         return read_rows
-    return [merge_ops.RowStream(t.shape, t.dtype, reader(t), window, label, read_ahead=read_ahead)
+    return [merge_ops.RowStream(t.shape, t.dtype, reader(t), window, label, read_ahead=read_ahead, fills=fills)
             for t, label in zip(tensors, labels)]
 
 
-def merge_streamed(method, experts, base, window, reads=None, read_ahead=None, **kw):
-    ex = row_streams(experts, [f"expert {i}" for i in range(len(experts))], window, reads, read_ahead)
-    b = row_streams([base], ["base"], window, reads, read_ahead)[0] if base is not None else None
+def merge_streamed(method, experts, base, window, reads=None, read_ahead=None, fills=False, **kw):
+    ex = row_streams(experts, [f"expert {i}" for i in range(len(experts))], window, reads, read_ahead, fills)
+    b = row_streams([base], ["base"], window, reads, read_ahead, fills)[0] if base is not None else None
     blocks = []
     merge_ops.merge_stream(method, ex, b, write=lambda rows: blocks.append(rows.clone()), **kw)
     assert all(len(blk) <= window for blk in blocks)
@@ -308,8 +309,8 @@ def merge_streamed(method, experts, base, window, reads=None, read_ahead=None, *
 
 
 @settings(max_examples=40, deadline=None)
-@given(merge_case(), st.sampled_from(ALL), st.integers(1, 5), st.sampled_from([True, "l1"]), PATHS)
-def test_streamed_equals_whole_bit_for_bit_small(case, method, window, rescale, path):
+@given(merge_case(), st.sampled_from(ALL), st.integers(1, 5), st.sampled_from([True, "l1"]), PATHS, st.booleans())
+def test_streamed_equals_whole_bit_for_bit_small(case, method, window, rescale, path, fills):
     experts, base, weights, density = case
     if base.dim() == 0:
         return
@@ -318,7 +319,7 @@ def test_streamed_equals_whole_bit_for_bit_small(case, method, window, rescale, 
         params["rescale"] = rescale
     with kernels(path):
         whole = merge_tensors(method, experts, base, weights=weights, name="w", **params)
-        streamed = merge_streamed(method, experts, base, window, weights=weights, name="w", **params)
+        streamed = merge_streamed(method, experts, base, window, fills=fills, weights=weights, name="w", **params)
     assert torch.equal(streamed, whole)
 
 
@@ -334,9 +335,10 @@ def wide():
     ("linear", {}, 1), ("task_arithmetic", {}, 1), ("ties", {"density": 0.2}, 3),
     ("dare_linear", {"density": 0.3}, 1), ("dare_ties", {"density": 0.3, "rescale": "l1"}, 2),
 ])
-@pytest.mark.parametrize("window", [1, 37, 700])  # 37 rows: windows that end inside a chunk
+@pytest.mark.parametrize("window", [1, 37, 700])  # 1 row: a chunk spans many windows; 37: windows end inside chunks
 @pytest.mark.parametrize("ahead", [False, True])
-def test_streamed_equals_whole_bit_for_bit(wide, method, params, passes, window, ahead, kernel_path):
+@pytest.mark.parametrize("fills", [False, True], ids=["new-windows", "reused-buffers"])
+def test_streamed_equals_whole_bit_for_bit(wide, method, params, passes, window, ahead, fills, kernel_path):
     from concurrent.futures import ThreadPoolExecutor
 
     experts, base = wide
@@ -344,11 +346,37 @@ def test_streamed_equals_whole_bit_for_bit(wide, method, params, passes, window,
     reads = []
     with ThreadPoolExecutor(1) as pool:
         got = merge_streamed(method, experts, base if method != "linear" else None, window, reads,
-                             pool if ahead else None, **kw)
+                             pool if ahead else None, fills, **kw)
     assert torch.equal(got, merge_tensors(method, experts, base, **kw))
     inputs = len(experts) + (method != "linear")
     # every pass reads every input once, window by window (a window holding all rows, once in all)
     assert sum(reads) == inputs * 700 * (passes if window < 700 else 1)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_filling_stream_reads_every_window_into_the_same_buffers(wide, ahead):
+    """With fills, a stream's windows (every pass's) land in one buffer, or two with read-ahead:
+    the allocator never sees a window come and go. Slices that cross windows are copied before
+    their buffer is read into again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    experts, _ = wide
+    t = experts[0]
+    targets = []
+
+    def read_rows(r0, r1, out):
+        targets.append(out)  # kept alive: a new allocation could not take its address
+        return out.copy_(t[r0:r1].reshape(-1))
+
+    with ThreadPoolExecutor(1) as pool:
+        stream = merge_ops.RowStream(t.shape, t.dtype, read_rows, 37, "x", read_ahead=pool if ahead else None,
+                                     fills=True)
+        flat = t.reshape(-1)
+        for _ in range(2):  # two passes, in slices that cross windows
+            for start in range(0, flat.numel(), 50_000):
+                assert torch.equal(stream[start:start + 50_000], flat[start:start + 50_000])
+    assert len(targets) == 2 * math.ceil(700 / 37)
+    assert len({o.data_ptr() for o in targets}) == (2 if ahead else 1)
 
 
 def test_streamed_ties_threshold_exact_when_the_bracket_misses(wide):
@@ -406,10 +434,13 @@ with open(path, "wb") as f:  # the base, then k experts: bf16 rows, as in a chec
 del base
 
 def stream(i):
-    def read_rows(r0, r1):
-        data = np.fromfile(path, dtype=np.int16, count=(r1 - r0) * cols, offset=(i * rows + r0) * cols * 2)
-        return torch.from_numpy(data).view(torch.bfloat16).reshape(r1 - r0, cols)
-    return merge_ops.RowStream((rows, cols), torch.bfloat16, read_rows, window, f"input {i}", read_ahead=pool)
+    def read_rows(r0, r1, out):  # as flows/unit reads: into the stream's buffers
+        with open(path, "rb") as f:
+            f.seek((i * rows + r0) * cols * 2)
+            f.readinto(out.view(torch.int16).numpy())
+        return out
+    return merge_ops.RowStream((rows, cols), torch.bfloat16, read_rows, window, f"input {i}", read_ahead=pool,
+                               fills=True)
 
 pool = ThreadPoolExecutor(1)  # as flows/unit streams: the next window of each input read ahead
 

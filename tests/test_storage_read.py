@@ -89,6 +89,20 @@ def test_row_ranges(tiny_llamas):
         ck.read_tensor("nope")
 
 
+def test_rows_read_into_a_given_buffer(tiny_llamas):
+    """A stream reads every window into its own buffers: read_tensor(out=...) fills them in place."""
+    ck = open_checkpoint(str(tiny_llamas["single"]))
+    name = "model.embed_tokens.weight"
+    want = all_tensors(tiny_llamas["single"])[name]
+    buf = torch.full((10 * want.shape[1],), 7.0, dtype=want.dtype)
+    for r0, r1 in [(0, 10), (118, 128), (5, 9)]:
+        n = (r1 - r0) * want.shape[1]
+        got = ck.read_tensor(name, rows=(r0, r1), out=buf[:n])
+        assert got.data_ptr() == buf.data_ptr() and same(got, want[r0:r1])
+    with pytest.raises(ValueError, match="into a buffer of"):
+        ck.read_tensor(name, rows=(0, 10), out=buf[:5])
+
+
 def test_every_dtype_torch_has(tmp_path):
     torch.manual_seed(0)
     tensors = {}
