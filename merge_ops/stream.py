@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 
 import torch
 
@@ -75,7 +75,7 @@ class RowStream:
                 window, self._buffer = ahead[1].result(), ahead[2]
             else:
                 if ahead:
-                    ahead[1].result()  # its buffer may be the one read into next
+                    wait([ahead[1]])  # unused, but its buffer may be the one read into next
                 window = self._read(r0, self._buffer)
             r1 = r0 + window.numel() // self.row
             if not all_finite(window):
