@@ -36,18 +36,27 @@ def test_help_exits_zero():
     assert "merge" in r.stdout and "catalog" in r.stdout
 
 
+def modules_loaded_by(argv: list[str], modules: tuple[str, ...], also_import: tuple[str, ...] = ()) -> list[str]:
+    """Which of `modules` a fresh interpreter has loaded after `mergeline *argv` (and importing
+    `also_import`)."""
+    code = (
+        "import contextlib, importlib, io, json, sys\n"
+        "from flows.cli import main\n"
+        f"for name in {list(also_import)!r}:\n"
+        "    importlib.import_module(name)\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main({argv!r}) == 0\n"
+        f"print(json.dumps(sorted(m for m in {list(modules)!r} if m in sys.modules)))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 def test_catalog_queries_do_not_load_torch_or_prefect(tmp_path):
     """`mergeline catalog ...` is for quick questions: it starts in well under a second because
     it never imports torch or Prefect (storage resolves its names lazily)."""
     catalog = tmp_path / "c.duckdb"
     Catalog(catalog)
-    code = (
-        "import contextlib, io, sys\n"
-        "from flows.cli import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        f"    assert main(['catalog', '--catalog', {str(catalog)!r}, 'runs', '--json']) == 0\n"
-        "print(sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
+    argv = ["catalog", "--catalog", str(catalog), "runs", "--json"]
+    assert modules_loaded_by(argv, ("torch", "prefect", "transformers")) == []

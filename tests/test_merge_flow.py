@@ -281,19 +281,13 @@ def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
 def test_local_merges_do_not_load_boto3(zoo, tmp_path):
     """boto3 loads on the first S3 call: a plan (and merge) of local files never pays its
     0.2-0.3 s import."""
+    from tests.test_cli import modules_loaded_by
+
     base, experts = zoo
     recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
-    code = (
-        "import contextlib, io, sys\n"
-        "from flows.cli import main\n"
-        "import flows.merge_flow, flows.unit\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        f"    assert main(['plan', {str(recipe)!r}, '--output', {str(tmp_path / 'm')!r}]) == 0\n"
-        "print(sorted(m for m in ('boto3', 'botocore.session', 's3transfer') if m in sys.modules))\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
+    argv = ["plan", str(recipe), "--output", str(tmp_path / "m")]
+    assert modules_loaded_by(argv, ("boto3", "botocore.session", "s3transfer"),
+                             also_import=("flows.merge_flow", "flows.unit")) == []
 
 
 def test_models_from_recipe_merges_the_selected_experts(prefect_api, zoo, tmp_path):
