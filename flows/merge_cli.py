@@ -84,18 +84,18 @@ def _plan(args) -> int:
     if any(streamed):
         console.print(f"{sum(streamed)} tensors do not fit the memory budget whole: they are read and merged a "
                       "window of rows at a time (TIES reads their inputs three times, DARE with rescale: l1 twice)"
-                      + _pass_source(plan))
+                      + _pass_source(jobs[0].sources))
     for note in plan.notes:
         console.print(f"note: {note}")
     return 0
 
 
-def _pass_source(plan) -> str:
-    """Where a streamed tensor's later passes read from, when inputs are on S3."""
+def _pass_source(sources) -> str:
+    """Where a streamed tensor's later passes read from, when the checkpoints it reads are on S3."""
     from storage import ReadCache
     from storage.uri import is_s3
 
-    if not any(is_s3(c.uri) for c in (*plan.experts, *([plan.base] if plan.base else []))):
+    if not any(is_s3(c.uri) for c in sources):
         return ""
     cache = ReadCache.from_env()
     if cache:
