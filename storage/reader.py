@@ -76,13 +76,13 @@ def fetch(ident: FileIdentity, start: int, end: int, cache: ReadCache | None,
         raise ValueError(f"{ident.uri}: {end - start} bytes to read into a buffer of {buf.numel()}")
     if end == start:
         return buf
-    out = memoryview(buf.numpy())
+    view = memoryview(buf.numpy())
     if cache is None or not is_s3(ident.uri):
-        read_into(ident, start, out)
-    elif not cache.get_into(ident, start, out):
-        read_into(ident, start, out)
-        cache.record_miss(len(out))
-        cache.put(ident, start, out)
+        read_into(ident, start, view)
+    elif not cache.get_into(ident, start, view):
+        read_into(ident, start, view)
+        cache.record_miss(len(view))
+        cache.put(ident, start, view)
     return buf
 
 
