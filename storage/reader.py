@@ -239,19 +239,22 @@ def is_complete(uri: str) -> bool:
     return exists(join(normalize(uri), COMPLETE_MARKER))
 
 
-def read_many(items: list[tuple[Checkpoint, str]], *, rows=None, max_workers: int | None = None) -> list[torch.Tensor]:
+def read_many(items: list[tuple[Checkpoint, str]], *, rows=None, max_workers: int | None = None,
+              outs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Read many tensors in parallel, results in input order.
 
     rows: None, one (r0, r1) for every item, or a list with one entry (None or (r0, r1)) per item.
+    outs: one buffer per item to read into (see Checkpoint.read_tensor), e.g. pinned memory.
     The pool size is max_workers, else MERGELINE_IO_THREADS (default 16).
     """
     per = list(rows) if isinstance(rows, list) else [rows] * len(items)
-    if len(per) != len(items):
-        raise ValueError(f"rows has {len(per)} entries for {len(items)} items")
-    jobs = [(ck, name, r) for (ck, name), r in zip(items, per, strict=True)]
+    bufs = [None] * len(items) if outs is None else list(outs)
+    if len(per) != len(items) or len(bufs) != len(items):
+        raise ValueError(f"{len(items)} items to read, with {len(per)} rows entries and {len(bufs)} buffers")
+    jobs = [(ck, name, r, out) for (ck, name), r, out in zip(items, per, bufs, strict=True)]
     if len(jobs) <= 1:
-        return [ck.read_tensor(name, r) for ck, name, r in jobs]
-    return list(io_pool(max_workers or io_threads()).map(lambda j: j[0].read_tensor(j[1], j[2]), jobs))
+        return [ck.read_tensor(name, r, out) for ck, name, r, out in jobs]
+    return list(io_pool(max_workers or io_threads()).map(lambda j: j[0].read_tensor(*j[1:]), jobs))
 
 
 def check_compatible(checkpoints: list[Checkpoint], *, max_listed: int = 10) -> list[str]:

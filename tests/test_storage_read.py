@@ -103,6 +103,19 @@ def test_rows_read_into_a_given_buffer(tiny_llamas):
         ck.read_tensor(name, rows=(0, 10), out=buf[:5])
 
 
+
+def test_read_many_fills_the_buffers_given(tiny_llamas):
+    """A GPU unit reads each input into a pinned buffer of its own: read_many(outs=...) fills them."""
+    ck = open_checkpoint(str(tiny_llamas["sharded"]))
+    want = all_tensors(tiny_llamas["sharded"])
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    bufs = [torch.zeros_like(want[n]) for n in names]
+    got = read_many([(ck, n) for n in names], outs=bufs, max_workers=3)
+    for g, b, n in zip(got, bufs, names, strict=True):
+        assert g.data_ptr() == b.data_ptr() and same(g, want[n]), n
+    with pytest.raises(ValueError, match="3 items to read, with 3 rows entries and 2 buffers"):
+        read_many([(ck, n) for n in names], outs=bufs[:2])
+
 def test_every_dtype_torch_has(tmp_path):
     torch.manual_seed(0)
     tensors = {}
