@@ -226,3 +226,16 @@ def test_kubernetes_gpu_job_template_requests_a_gpu_and_defines_every_variable()
     assert variables["image"]["default"] == compose["services"]["worker-gpu"]["image"]
     assert variables["env"]["default"]["MERGELINE_CATALOG"] == "/data/catalog.duckdb"
     assert {"mountPath": "/data", "name": "catalog"} in container["volumeMounts"]
+
+
+def test_gpu_image_budget_fits_the_gpu_jobs_memory():
+    """The GPU image raises the memory budget so tensors merge whole on the GPU; the pinned buffers
+    torch keeps for reuse (up to twice the budget) and the interpreter must fit the job's limit."""
+    from flows.unit import DEFAULT_MEMORY_BUDGET_MB
+
+    env = dict(kv.split("=", 1) for k, a in dockerfile("Dockerfile.gpu") if k == "ENV" for kv in a.split())
+    budget_mb = float(env["MERGELINE_MEMORY_BUDGET_MB"])
+    assert budget_mb > DEFAULT_MEMORY_BUDGET_MB
+    template = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())
+    memory = template["variables"]["properties"]["memory"]["default"]
+    assert memory.endswith("Gi") and 2 * budget_mb / 1024 + 4 <= float(memory[:-2]), (budget_mb, memory)
