@@ -3,8 +3,8 @@
 TIES keeps every entry whose magnitude is at least the k-th largest. mergekit finds it with a
 full argsort (O(n log n), several n-sized index buffers). Here a small random sample brackets
 the answer, one streamed pass counts what lies above the bracket and collects the few entries
-inside it, and an exact selection runs only on those. If the bracket misses (adversarial data),
-`kth_largest` falls back to torch.kthvalue on the whole tensor, so the answer is always exact.
+inside it, and an exact selection runs only on those. If the bracket misses (adversarial data), it
+says so, and TIES selects again with `RadixSelect`, so the answer is always exact.
 
 `Bracket` is the streamed form: the values never need to exist as one tensor, so TIES computes
 each chunk's magnitudes, feeds them, and lets them go. `RadixSelect` needs two passes but only
@@ -23,24 +23,6 @@ from . import kernels
 
 _SAMPLE = 1 << 16
 _SMALL = 1 << 18  # below this, quickselect on the whole tensor is already cheap
-
-
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest element (1-based) of a 1-D tensor of non-negative floats (magnitudes),
-    as a 0-d tensor."""
-    n = values.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    if n and float(values.min()) < 0:
-        raise ValueError("kth_largest takes non-negative values (magnitudes); the bracket test compares bit patterns")
-    if n <= _SMALL:
-        return _kth_largest_select(values, k)
-    bracket = Bracket(n, k, values[sample_positions(n, k).to(values.device)])
-    step = 1 << 18
-    for start in range(0, n, step):
-        bracket.feed(values[start:start + step])
-    found = bracket.result()
-    return found if found is not None else _kth_largest_select(values, k)
 
 
 def sample_positions(n: int, k: int) -> torch.Tensor:

@@ -231,19 +231,44 @@ def test_ties_threshold_exact_on_large_tensor(kernel_path):
     assert both.shape == base.shape and torch.isfinite(both).all()
 
 
-def test_topk_bracket_falls_back_exactly_on_adversarial_data(kernel_path):
-    from merge_ops.topk import kth_largest
+def _kth_largest(values: torch.Tensor, k: int, block: int = 100_000) -> float:
+    """The k-th largest the way TIES finds it: a sampled bracket over streamed blocks, and where
+    it misses, two counting passes of RadixSelect."""
+    from merge_ops.topk import Bracket, RadixSelect, sample_positions
+
+    n = values.numel()
+    bracket = Bracket(n, k, values[sample_positions(n, k)])
+    for start in range(0, n, block):
+        bracket.feed(values[start:start + block])
+    found = bracket.result()
+    if found is not None:
+        return float(found)
+    select = RadixSelect(k)
+    for _ in range(2):
+        for start in range(0, n, block):
+            select.feed(values[start:start + block])
+        select.end_pass()
+    return select.result()
+
+
+def test_topk_bracket_misses_are_selected_exactly_on_adversarial_data(kernel_path):
+    from merge_ops.topk import Bracket, sample_positions
 
     values = torch.cat([torch.zeros(600_000), torch.arange(1, 1001, dtype=torch.float32)])
+    missed = 0
     for k in (1, 500, 1000, 1001, 300_000, 600_000):
         expected = torch.sort(values, descending=True).values[k - 1]
-        assert kth_largest(values, k) == expected
+        assert _kth_largest(values, k) == expected, k
+        bracket = Bracket(values.numel(), k, values[sample_positions(values.numel(), k)])
+        bracket.feed(values)
+        missed += bracket.result() is None
+    assert missed, "no bracket missed: the data no longer exercises the fallback"
 
 
 def test_topk_bracket_is_exact_on_tied_and_continuous_magnitudes(kernel_path):
     # bf16 deltas take few distinct values, so the k-th largest sits in a run of ties; the
     # bracket test works on bit patterns, so check it against a sort on both kinds of data
-    from merge_ops.topk import Bracket, kth_largest, sample_positions
+    from merge_ops.topk import Bracket, sample_positions
 
     gen = torch.Generator().manual_seed(11)
     base = (torch.randn(700_000, generator=gen) * 0.02).to(torch.bfloat16)
@@ -253,19 +278,12 @@ def test_topk_bracket_is_exact_on_tied_and_continuous_magnitudes(kernel_path):
     for values in (tied, continuous):
         ranked = torch.sort(values, descending=True).values
         for k in (1, 7_000, 140_000, 350_001, 699_999, 700_000):
-            assert kth_largest(values, k) == ranked[k - 1], k
+            assert _kth_largest(values, k) == ranked[k - 1], k
         for k in (7_000, 140_000, 350_001):  # away from the ends, the bracket itself finds it
             bracket = Bracket(values.numel(), k, values[sample_positions(values.numel(), k)])
             for start in range(0, values.numel(), 100_000):
                 bracket.feed(values[start:start + 100_000])
             assert bracket.result() == ranked[k - 1], k
-
-
-def test_topk_rejects_negative_values():
-    from merge_ops.topk import kth_largest
-
-    with pytest.raises(ValueError, match="non-negative"):
-        kth_largest(torch.tensor([1.0, -2.0, 3.0]), 1)
 
 
 # ---------------------------------------------------------------- chunking, dtypes, determinism
