@@ -22,7 +22,7 @@ import torch
 from merge_ops import (
     METHODS,
     RowStream,
-    kept_draw_bytes,
+    kept_bytes,
     merge_stream,
     merge_tensors,
     scratch_bytes,
@@ -111,7 +111,7 @@ def tensor_steps(job: UnitJob) -> list[TensorStep]:
         per_input = sum(c.tensors[name].torch_dtype.itemsize for c in job.sources)  # bytes per element
         numel = math.prod(shape)
         inputs = numel * per_input
-        whole = inputs + numel * out_dtype.itemsize + kept_draw_bytes(
+        whole = inputs + numel * out_dtype.itemsize + kept_bytes(
             job.method, job.parameters, len(job.experts), numel, job.device, merge_threads())
         if shape and whole > room:  # two windows of each input (one read ahead) and one of the output
             windowed = 2 * per_input + out_dtype.itemsize

@@ -23,7 +23,7 @@ from . import kernels
 from .dropout import DropMask, KeptBits, stream_keys
 from .registry import Param, register
 from .stream import RowStream
-from .topk import _SMALL, Bracket, RadixSelect, _kth_largest_select, keep_count, sample_positions
+from .topk import _SMALL, Bracket, RadixSelect, _kth_largest_select, keep_count, max_inside, sample_positions
 
 Kernel = Callable[[int, int], torch.Tensor]
 
@@ -298,11 +298,14 @@ def scratch_bytes(n_experts: int, device: torch.device | str, streamed: bool = F
     return chunks * DEFAULT_CHUNK * 4 + (n_experts * RadixSelect.COUNTERS_BYTES if streamed else 0)
 
 
-def kept_draw_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str,
-                    threads: int | None = None) -> int:
-    """Bytes a merge of one tensor keeps besides its inputs, output and chunk buffers: DARE's L1
-    rescale on the numpy path keeps its pre-pass draws, one bit per element and expert.
-    threads: the merge's intra-op threads (see merge_ops.kernels)."""
+def kept_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str,
+               threads: int | None = None) -> int:
+    """Host bytes a merge of one whole tensor keeps besides its inputs, output and chunk buffers:
+    TIES's bracket candidates (at most topk.max_inside per expert, float32) on a CPU merge of a
+    tensor too large to select on at once; DARE's L1 rescale on the numpy path, its pre-pass draws
+    (one bit per element and expert). threads: the merge's intra-op threads (see merge_ops.kernels)."""
+    if method == "ties" and numel > _SMALL and torch.device(device).type == "cpu":
+        return n_experts * max_inside(numel) * 4
     if method in ("dare_linear", "dare_ties") and _keeps_draws(params, device, threads):
         return n_experts * ((numel + 7) // 8)
     return 0

@@ -251,6 +251,22 @@ def _kth_largest(values: torch.Tensor, k: int, block: int = 100_000) -> float:
     return select.result()
 
 
+@pytest.mark.parametrize("changed", [0.0, 0.1], ids=["frozen", "mostly-frozen"])
+def test_ties_threshold_exact_when_magnitudes_tie_in_bulk(kernel_path, changed):
+    """An expert that left most of a tensor as it was: its zero deltas all tie at the threshold,
+    fill the sampled bracket, and the threshold comes from RadixSelect instead, still exact."""
+    gen = torch.Generator().manual_seed(5)
+    n = 1_000_000
+    base = torch.randn(n, generator=gen)
+    delta = torch.where(torch.rand(n, generator=gen) < changed, torch.randn(n, generator=gen) * 0.01, 0.0)
+    expert = base + delta
+    delta = expert - base
+    for density in (0.05, 0.2):
+        thr = torch.sort(delta.abs(), descending=True).values[ref_keep_count(density, n) - 1]
+        got = merge_tensors("ties", [expert], base, density=density)
+        assert torch.equal(got, base + torch.where(delta.abs() >= thr, delta, 0.0)), density
+
+
 def test_topk_bracket_misses_are_selected_exactly_on_adversarial_data(kernel_path):
     from merge_ops.topk import Bracket, sample_positions
 
@@ -544,7 +560,7 @@ _PEAK_PER_MERGE = """
 import json, sys, torch
 from unittest import mock
 import merge_ops, merge_ops.kernels
-from merge_ops import kept_draw_bytes, merge_tensors
+from merge_ops import kept_bytes, merge_tensors
 
 def rss(key):  # bytes, from /proc/self/status
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
@@ -555,18 +571,19 @@ base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
 experts = [(base.float() + torch.randn(n, generator=g) * 0.002).to(torch.bfloat16) for _ in range(k)]
 params = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 0.2},
           "dare_linear": {"density": 0.1, "rescale": "l1"}, "dare_ties": {"density": 0.1, "rescale": "l1"}}
+# experts that never changed this tensor: every magnitude is 0, and all of them tie at TIES's threshold
+cases = [(method, p, experts) for method, p in params.items()] + [("ties", params["ties"], [base.clone()] * k)]
 out = []
 for path, threads in [("numpy", 1), ("torch", 2)]:
     torch.set_num_threads(threads)
     with mock.patch.object(merge_ops.kernels, "numpy_on", lambda device, threads=None: path == "numpy"):
-        for method, p in params.items():
-            merge_tensors(method, [e[:300_000] for e in experts], base[:300_000], seed=1, name="w", **p)
+        for method, p, inputs in cases:
+            merge_tensors(method, [e[:300_000] for e in inputs], base[:300_000], seed=1, name="w", **p)
             before = rss("VmRSS")
             open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current RSS
-            merged = merge_tensors(method, experts, base, seed=1, name="w", **p)
+            merged = merge_tensors(method, inputs, base, seed=1, name="w", **p)
             extra = rss("VmHWM") - before - merged.nbytes
-            kept = kept_draw_bytes(method, p, k, n, "cpu", threads) if path == "numpy" else 0
-            out.append([method, path, threads, extra, kept])
+            out.append([method, path, threads, extra, kept_bytes(method, p, k, n, "cpu", threads)])
             del merged
 json.dump(out, sys.stdout)
 """
@@ -574,7 +591,7 @@ json.dump(out, sys.stdout)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux)")
 def test_scratch_bytes_bounds_what_a_merge_allocates():
-    """flows/unit reserves scratch_bytes + kept_draw_bytes per merge beside its inputs and output.
+    """flows/unit reserves scratch_bytes + kept_bytes per merge beside its inputs and output.
     Measured as the rise of the process's peak RSS over one merge, in a process where glibc maps
     every block over 64 KiB afresh, so that no freed memory hides an allocation."""
     from merge_ops import scratch_bytes
@@ -675,12 +692,12 @@ def test_numpy_and_torch_kernels_give_the_same_bits(method):
         assert torch.equal(merge_tensors(method, experts, base, **kw, **params), numpy_bits)
 
 
-def test_kept_draw_bytes_is_what_a_dare_l1_merge_keeps():
-    """flows/unit reserves kept_draw_bytes for each merge. On the numpy path DARE's L1 rescale keeps
+def test_kept_bytes_is_what_a_dare_l1_merge_keeps():
+    """flows/unit reserves kept_bytes for each merge. On the numpy path DARE's L1 rescale keeps
     its draws (numpy memory, which tracemalloc sees); other merges and the torch path keep none."""
     import tracemalloc
 
-    from merge_ops import DEFAULT_CHUNK, kept_draw_bytes
+    from merge_ops import DEFAULT_CHUNK, kept_bytes
 
     n = 3_000_000
     gen = torch.Generator().manual_seed(2)
@@ -696,14 +713,15 @@ def test_kept_draw_bytes_is_what_a_dare_l1_merge_keeps():
             finally:
                 tracemalloc.stop()
 
-    reserved = kept_draw_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cpu", threads=1)
+    reserved = kept_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cpu", threads=1)
     held = traced_peak("numpy", "l1") - traced_peak("numpy", True)
     assert reserved <= held <= reserved + 2 * DEFAULT_CHUNK  # and one chunk's bits being unpacked
     assert traced_peak("torch", "l1") < reserved / 10
-    assert kept_draw_bytes("dare_linear", {"rescale": True}, 3, n, "cpu", threads=1) == 0
-    assert kept_draw_bytes("ties", {"density": 0.2}, 3, n, "cpu", threads=1) == 0
-    assert kept_draw_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cpu", threads=4) == 0
-    assert kept_draw_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cuda", threads=1) == 0
+    assert kept_bytes("dare_linear", {"rescale": True}, 3, n, "cpu", threads=1) == 0
+    assert kept_bytes("ties", {"density": 0.2}, 3, n, "cpu", threads=4) == 3 * (n // 16) * 4  # the brackets
+    assert kept_bytes("ties", {"density": 0.2}, 3, n, "cuda") == kept_bytes("ties", {}, 3, 1000, "cpu") == 0
+    assert kept_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cpu", threads=4) == 0
+    assert kept_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cuda", threads=1) == 0
 
 
 # ---------------------------------------------------------------- registry and errors
