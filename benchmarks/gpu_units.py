@@ -35,18 +35,11 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from benchmarks.checkpoints import BASE_STD, DELTA_STD, parse_count, shape_for  # noqa: E402
+from benchmarks.gpu import METHODS  # noqa: E402  (the same parameters as the kernel timings)
 from flows.plan import make_plan  # noqa: E402
 from flows.recipe import parse_recipe  # noqa: E402
 from flows.unit import UnitJob, run_unit  # noqa: E402
 from storage import open_checkpoint  # noqa: E402
-
-METHODS = {
-    "linear": {},
-    "task_arithmetic": {},
-    "ties": {"density": 0.2},
-    "dare_ties": {"density": 0.1, "rescale": "l1"},
-    "dare_linear": {"density": 0.1, "rescale": "l1"},
-}
 
 
 def make_checkpoints(root: Path, params: int, experts: int) -> list[Path]:
