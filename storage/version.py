@@ -29,7 +29,10 @@ def git_commit(root: Path) -> str | None:
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD").strip()
-        diff = git("diff", "HEAD", "--binary")
     except (OSError, subprocess.SubprocessError):
         return None
+    try:
+        diff = git("diff", "HEAD", "--binary")
+    except (OSError, subprocess.SubprocessError):  # changes that cannot be read: dirty, of no known content
+        return f"{commit}.dirty"
     return f"{commit}.dirty{hashlib.sha256(diff.encode()).hexdigest()[:8]}" if diff else commit
