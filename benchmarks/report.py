@@ -134,6 +134,9 @@ def _targets(r: dict) -> list[str]:
                 q = _med(two[method]["mergeline"], "peak_rss") / _med(res["mergeline"], "peak_rss")
                 out.append(f"- {method}: doubling the model ({how}) grows peak RSS {q:.2f}× "
                            f"(target ≤ {SCALE_RSS_TARGET}×) — {'met' if q <= SCALE_RSS_TARGET else '**missed**'}")
+    if len(out) == 2:
+        out.append("- none measured: the speed and memory targets need mergekit (`make bench-setup`), the "
+                   "scale targets the runs at twice the size (without --no-scale)")
     return out + [""]
 
 

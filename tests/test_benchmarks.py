@@ -29,3 +29,19 @@ def test_gpu_units_script_merges_every_unit_and_reports_each_method(tmp_path):
     table = (tmp_path / "out" / "gpu-units.md").read_text()
     assert "| ties |" in table and "| dare_linear |" in table
     assert not list((tmp_path / "ckpt").glob("tmp*")), "a pass's staging area was left behind"
+
+
+def test_make_bench_runs_the_cli_and_writes_its_report(tmp_path):
+    """`make bench` at a toy size, without mergekit and the scale runs: its Prefect server, the timed
+    `mergeline merge` runs and the report work; docs/benchmarks.md is left alone without --docs."""
+    docs = (ROOT / "docs" / "benchmarks.md").read_text()
+    env = {**os.environ, "BENCH_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "benchmarks.run", "--params", "5M", "--methods", "linear", "--no-mergekit",
+           "--no-scale", "--no-docs", "--repeats", "1"]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
+    [result] = (tmp_path / "results").glob("bench-*.json")
+    runs = json.loads(result.read_text())["sizes"]["1x"]["methods"]["linear"]["mergeline"]
+    assert len(runs) == 1 and runs[0]["wall_s"] > 0 and runs[0]["peak_rss"] > 0
+    report = (tmp_path / "results" / "latest.md").read_text()
+    assert "| linear |" in report and "none measured" in report
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == docs
