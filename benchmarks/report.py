@@ -114,7 +114,7 @@ def _n_experts(r: dict) -> int:
 def _targets(r: dict) -> list[str]:
     sizes = r["sizes"]
     one = sizes["1x"]["methods"]
-    out = ["**Targets** (this machine, same files, same run):", ""]
+    out = []
     for method, target in SPEED_TARGETS.items():
         res = one.get(method)
         if not res or not res["mergekit"]:
@@ -134,10 +134,9 @@ def _targets(r: dict) -> list[str]:
                 q = _med(two[method]["mergeline"], "peak_rss") / _med(res["mergeline"], "peak_rss")
                 out.append(f"- {method}: doubling the model ({how}) grows peak RSS {q:.2f}× "
                            f"(target ≤ {SCALE_RSS_TARGET}×) — {'met' if q <= SCALE_RSS_TARGET else '**missed**'}")
-    if len(out) == 2:
-        out.append("- none measured: the speed and memory targets need mergekit (`make bench-setup`), the "
-                   "scale targets the runs at twice the size (without --no-scale)")
-    return out + [""]
+    none = ["- none measured: the speed and memory targets need mergekit (`make bench-setup`), the scale "
+            "targets the runs at twice the size (without --no-scale)"]
+    return ["**Targets** (this machine, same files, same run):", "", *(out or none), ""]
 
 
 def _compare_table(size: dict) -> list[str]:

@@ -64,6 +64,7 @@ class Bracket:
         # changed), the bracket gives up and says it missed.
         self._inside: torch.Tensor | None = None
         self._n_inside = 0
+        self._max_inside = max_inside(n)
         self._overflowed = False
         self._bufs: tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray] | None = None  # per path
 
@@ -98,11 +99,11 @@ class Bracket:
 
     def _append(self, selected: torch.Tensor) -> None:
         end = self._n_inside + selected.numel()
-        if end > max_inside(self.n):
+        if end > self._max_inside:
             self._inside, self._n_inside, self._bufs, self._overflowed = None, 0, None, True
             return
         if self._inside is None:  # on the CPU, pages are committed as they are written: only what is used counts
-            self._inside = torch.empty(max_inside(self.n), device=selected.device)
+            self._inside = torch.empty(self._max_inside, device=selected.device)
         self._inside[self._n_inside:end] = selected
         self._n_inside = end
 
