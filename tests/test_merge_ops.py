@@ -232,9 +232,11 @@ def test_ties_threshold_exact_on_large_tensor(kernel_path):
 
 
 def _kth_largest(values: torch.Tensor, k: int, block: int = 100_000) -> float:
-    """The k-th largest the way TIES finds it: a sampled bracket over streamed blocks, and where
-    it misses, two counting passes of RadixSelect."""
-    from merge_ops.topk import Bracket, RadixSelect, sample_positions
+    """The k-th largest of non-negative values the way TIES finds it: a sampled bracket over
+    streamed blocks, and where it misses, TIES's own fallback (RadixSelect's two counting passes,
+    over the magnitudes of `values` against a zero base)."""
+    from merge_ops.methods import _radix_thresholds
+    from merge_ops.topk import Bracket, sample_positions
 
     n = values.numel()
     bracket = Bracket(n, k, values[sample_positions(n, k)])
@@ -243,12 +245,7 @@ def _kth_largest(values: torch.Tensor, k: int, block: int = 100_000) -> float:
     found = bracket.result()
     if found is not None:
         return float(found)
-    select = RadixSelect(k)
-    for _ in range(2):
-        for start in range(0, n, block):
-            select.feed(values[start:start + block])
-        select.end_pass()
-    return select.result()
+    return _radix_thresholds([values], torch.zeros_like(values), {0: k})[0]
 
 
 @pytest.mark.parametrize("changed", [0.0, 0.1], ids=["frozen", "mostly-frozen"])
