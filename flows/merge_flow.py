@@ -1,5 +1,8 @@
 """The Prefect merge flow: recipe -> plan -> one task per layer unit -> atomic commit -> catalog.
 
+A run holds its output's lock (storage.OutputLock) from before its first staged shard to its
+publish: a second run of the same output waits, then finds the first one's shards in the cache.
+
 Layer tasks are cached on everything that determines their shard (UnitJob.cache_key) with
 persisted results, so a re-run, or a run restarted after a crash, recomputes only what is
 missing. A unit whose cached shard is gone (its staging area was cleaned) is recomputed.
@@ -84,11 +87,15 @@ def merge_flow(
     timings["plan"] = time.perf_counter() - t0
     staging = storage.staging_uri(plan.output)
     run_id = _start_run(catalog, plan, trigger)
+    lock = storage.OutputLock(plan.output, purpose=f"merge {recipe.name!r} (flow run {_flow_run_id()})")
     try:
+        lock.acquire(on_wait=logger.info)  # another run writing this output finishes first
+        timings["lock_wait"] = lock.waited_s
         t0 = time.perf_counter()
         results, cached = _merge_units(plan, staging, logger)
         timings["merge"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        lock.check()
         published = storage.publish_checkpoint(
             plan.output, staging, [_shard_info(r) for r in results],
             config_source=plan.reference, dtype=plan.dtype, sidecar=_sidecar(plan, results),
@@ -100,9 +107,12 @@ def merge_flow(
             dtype=str(plan.dtype).removeprefix("torch."), metadata={"recipe_digest": recipe.digest}, timings=timings,
         )
     except BaseException as exc:
-        storage.abort_staging(staging)
+        if lock.held:  # never clean up a staging area another run owns
+            storage.abort_staging(staging)
         catalog.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
         raise
+    finally:
+        lock.release()
     summary = {
         "run_id": run_id, "model_id": model_id, "output": published.uri, "identity": published.identity,
         "units": len(plan.units), "cached": sorted(cached),

@@ -1,7 +1,8 @@
 """storage: bytes in and out of checkpoints (local paths or s3://), nothing about merging.
 
 Read: open_checkpoint (headers only, validated) -> Checkpoint.read_tensor / read_many.
-Write: ShardWriter into staging_uri(output) -> publish_checkpoint (atomic, marker last).
+Write: holding OutputLock(output), ShardWriter into staging_uri(output) -> publish_checkpoint
+(atomic, marker last).
 See docs/storage.md.
 """
 
@@ -13,6 +14,7 @@ _HOME = {
     "storage.cache": ("CacheStats", "ReadCache"),
     "storage.errors": ("CheckpointError", "StorageError"),
     "storage.headers": ("DTYPES", "MAX_HEADER_BYTES", "TensorInfo"),
+    "storage.lock": ("OutputLock",),
     "storage.reader": ("COMPLETE_MARKER", "INDEX_NAME", "SIDECAR_NAME", "Checkpoint", "check_compatible",
                        "is_complete", "local_copy", "open_checkpoint", "read_many"),
     "storage.uri": ("FileIdentity", "safe_component", "validate_output_uri"),

@@ -308,3 +308,51 @@ def test_models_from_recipe_merges_the_selected_experts(prefect_api, zoo, tmp_pa
     explicit = MERGEKIT_TIES.replace("density: 0.6", "density: 0.4").replace("weight: 0.5", "weight: 1.0").replace(
         "weight: 0.7", "weight: 1.0").replace("  normalize: true\n  int8_mask: true\n", "  normalize: true\n")
     assert_same(got, expected_merge(zoo, explicit))
+
+
+def test_a_second_run_of_an_output_waits_for_the_first(prefect_api, zoo, tmp_path):
+    """While another merge holds the output (a nightly run, say), this run is recorded as running
+    but stages nothing; once the output is free it merges and publishes as usual."""
+    import threading
+
+    base, experts = zoo
+    output = tmp_path / "merged"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]), output=str(output))
+    holder = storage.OutputLock(str(output), purpose="the other run").acquire()
+    summary: dict = {}
+    run = threading.Thread(target=lambda: summary.update(run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))))
+    run.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+                (tmp_path / "c.duckdb").exists() and Catalog(tmp_path / "c.duckdb").runs(status="running")):
+            time.sleep(0.1)
+        time.sleep(1.0)  # past the lock, a unit would be staged by now
+        assert run.is_alive()
+        assert not list(Path(storage.staging_uri(str(output))).glob("*.safetensors")) and not output.exists()
+    finally:
+        holder.release()
+    run.join(120)
+    assert summary["timings"]["lock_wait"] > 1.0
+    got, _ = load_output(summary["output"], tmp_path, None)
+    assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+
+
+def test_a_run_that_cannot_get_its_output_fails_and_leaves_the_holders_staging(prefect_api, zoo, tmp_path,
+                                                                               monkeypatch):
+    base, experts = zoo
+    output = tmp_path / "merged"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]), output=str(output))
+    monkeypatch.setenv("MERGELINE_LOCK_WAIT_S", "0.5")
+    holder = storage.OutputLock(str(output), purpose="the other run").acquire()
+    try:
+        theirs = Path(storage.staging_uri(str(output))) / "model-00001-of-00006.safetensors"
+        theirs.parent.mkdir(parents=True)
+        theirs.write_bytes(b"the other run's shard")
+        with pytest.raises(storage.StorageError, match="being written by another merge.*the other run"):
+            run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
+        assert theirs.read_bytes() == b"the other run's shard"
+        [failed] = Catalog(tmp_path / "c.duckdb").runs()
+        assert failed["status"] == "failed" and "being written by another merge" in failed["error"]
+    finally:
+        holder.release()
