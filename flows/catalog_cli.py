@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     add("lineage", _lineage, "the full ancestor tree of a model, with method, parameters and weights").add_argument(
         "model", help="id, name (latest version), name@vN or URI")
     add("derived-from", _derived, "every model that has MODEL as an ancestor").add_argument(
-        "model", help="id, name (latest version), name@vN or URI")
+        "model", help="name or URI (every version of it), name@vN or id (that version)")
     s = add("best", _best, "rank models on a task by their latest score")
     s.add_argument("--task", required=True)
     s.add_argument("--metric", help="needed when the task has several metrics")

@@ -109,6 +109,26 @@ def test_derived_from_follows_inputs_and_bases_transitively(zoo):
     assert {d["method"] for d in derived} == {"ties", "linear", "task_arithmetic"}
 
 
+def test_derived_from_a_name_or_uri_covers_every_version_of_it(cat):
+    """An expert re-uploaded (v2) after a model was made from v1: asking by name or URI still
+    finds that model; name@vN and ids mean one version."""
+    base = _reg(cat, "base", "base")
+    v1 = _reg(cat, "math", "expert")
+    run = _start(cat, "old", "task_arithmetic", [v1], [1.0], base=base)
+    cat.complete_run(run, "s3://models/old", name="old", identity="id-old")
+    v2 = cat.register_checkpoint("s3://models/math", kind="expert", name="math", identity="id-math-2")
+    run = _start(cat, "new", "task_arithmetic", [v2], [1.0], base=base)
+    cat.complete_run(run, "s3://models/new", name="new", identity="id-new")
+    run = _start(cat, "both", "linear", [v1, v2], [0.5, 0.5])  # made from both versions: listed once
+    cat.complete_run(run, "s3://models/both", name="both", identity="id-both")
+    for ref in ("math", "s3://models/math"):
+        assert sorted(_labels(cat.derived_from(ref))) == ["both@v1", "new@v1", "old@v1"], ref
+    for ref in ("math@v1", v1):
+        assert sorted(_labels(cat.derived_from(ref))) == ["both@v1", "old@v1"], ref
+    assert sorted(_labels(cat.derived_from("math@v2"))) == ["both@v1", "new@v1"]
+    assert cat.find_checkpoint("math")["id"] == v2 and cat.lineage("math")["id"] == v2  # one model: the latest
+
+
 def test_best_ranks_latest_scores_in_the_metric_direction(zoo, tmp_path):
     cat, ids = zoo
     assert [(r["rank"], r["label"]) for r in cat.best("qa")] == [

@@ -125,7 +125,8 @@ class Catalog:
                     con.execute("ROLLBACK")
                 raise
 
-    def _find(self, con, ref: str) -> dict | None:
+    def _find(self, con, ref: str) -> list[dict]:
+        """What `ref` names, latest first: an id or name@vN one version, a URI or name each of its versions."""
         ref = str(ref)
         queries = [("c.id = ?", [ref]), ("c.uri = ?", [_norm_uri(ref)])]
         if m := re.fullmatch(r"(.+)@v(\d+)", ref):
@@ -134,20 +135,24 @@ class Catalog:
         for where, params in queries:
             found = db.rows(
                 con, f"SELECT {_CK} FROM checkpoints c WHERE {where} "
-                "ORDER BY c.registered_at DESC, c.version DESC LIMIT 1", params,
+                "ORDER BY c.registered_at DESC, c.version DESC", params,
             )
             if found:
-                return found[0]
-        return None
+                return found
+        return []
 
-    def _require(self, con, ref: str) -> dict:
+    def _require_all(self, con, ref: str) -> list[dict]:
         found = self._find(con, ref)
-        if found is None:
+        if not found:
             raise CatalogError(
                 f"no checkpoint {ref!r} in catalog {self.path}",
                 hint="refer to a model by id, name, name@vN or URI; `mergeline catalog list` shows them",
             )
         return found
+
+    def _require(self, con, ref: str) -> dict:
+        """The one checkpoint `ref` names: a name or URI means its latest version."""
+        return self._require_all(con, ref)[0]
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -307,7 +312,8 @@ class Catalog:
     def find_checkpoint(self, ref: str) -> dict | None:
         """By id, URI (latest), 'name@vN', or name (latest version)."""
         with self._read() as con:
-            return self._find(con, ref)
+            found = self._find(con, ref)
+        return found[0] if found else None
 
     def list_models(self) -> list[dict]:
         """Every checkpoint, newest first, each with its latest score per (suite, task, split, metric)."""
@@ -379,20 +385,23 @@ class Catalog:
         return build(root["id"], frozenset())
 
     def derived_from(self, ref: str) -> list[dict]:
-        """Every checkpoint with `ref` among its ancestors (as base or input), nearest generation first."""
+        """Every checkpoint with `ref` among its ancestors (as base or input), nearest generation first.
+        A name or URI means every version of it (a model made from an expert's first version is
+        still derived from that expert); an id or name@vN that version only."""
         with self._read() as con:
-            root = self._require(con, ref)
+            roots = [c["id"] for c in self._require_all(con, ref)]
             return db.rows(con, f"""
                 WITH RECURSIVE d(id, generation) AS (
-                    SELECT ?::VARCHAR, 0
+                    SELECT unnest(?::VARCHAR[]), 0
                     UNION
                     SELECT e.child_id, d.generation + 1 FROM d JOIN model_edges e ON e.parent_id = d.id
                     WHERE d.generation < 1000),
-                g AS (SELECT id, min(generation) AS generation FROM d WHERE id <> ? GROUP BY id)
+                g AS (SELECT id, min(generation) AS generation FROM d
+                      WHERE NOT list_contains(?::VARCHAR[], id) GROUP BY id)
                 SELECT {_CK}, g.generation, p.run_id, r.method
                 FROM g JOIN checkpoints c ON c.id = g.id
                 LEFT JOIN producers p ON p.output_id = c.id LEFT JOIN runs r ON r.id = p.run_id
-                ORDER BY g.generation, c.registered_at, c.id""", [root["id"], root["id"]])
+                ORDER BY g.generation, c.registered_at, c.id""", [roots, roots])
 
     def best(self, task: str, metric: str | None = None, split: str | None = None) -> list[dict]:
         """Checkpoints ranked on their latest score for a task (per split; direction from the metric)."""
