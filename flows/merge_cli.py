@@ -56,10 +56,10 @@ def _mb(n: int) -> str:
 def _plan(args) -> int:
     from .plan import make_plan
     from .recipe import load_recipe
-    from .unit import UnitJob, tensor_steps, unit_bytes
+    from .unit import UnitJob, share_budget, tensor_steps, unit_bytes
 
     plan = make_plan(load_recipe(args.recipe, output=args.output))
-    jobs = [UnitJob.from_plan(plan, u, staging="") for u in plan.units]
+    jobs = share_budget([UnitJob.from_plan(plan, u, staging="") for u in plan.units])
     steps = [tensor_steps(job) for job in jobs]
     peaks = [unit_bytes(job, s) for job, s in zip(jobs, steps, strict=True)]
     streamed = [sum(bool(t.window) for t in s) for s in steps]

@@ -29,7 +29,7 @@ from storage.version import code_version
 
 from .plan import Plan, make_plan
 from .recipe import Recipe, parse_recipe, recipe_summary
-from .unit import UnitJob, run_unit
+from .unit import UnitJob, run_unit, share_budget
 
 # Called as listener(unit_name, done, total, cached) when a unit finishes: the CLI's progress bar.
 progress_listeners: list[Callable[[str, int, int, bool], None]] = []
@@ -137,7 +137,7 @@ def merge_flow(
 
 def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]]:
     """Run every unit's task; make sure each result's shard is really staged."""
-    jobs = {u.name: UnitJob.from_plan(plan, u, staging) for u in plan.units}
+    jobs = {j.unit.name: j for j in share_budget([UnitJob.from_plan(plan, u, staging) for u in plan.units])}
     artifact = create_progress_artifact(progress=0.0, key="merge-progress", description="layer units merged")
     futures = {merge_layer.submit(unit_id=name, job=job): name for name, job in jobs.items()}
     results: dict[str, dict] = {}

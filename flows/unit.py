@@ -8,6 +8,7 @@ the unit's tensor names and the method. Tensors never pass through the flow proc
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ from merge_ops import (
     merge_stream,
     merge_tensors,
     scratch_bytes,
+    stream_passes,
     window_rows,
 )
 from storage import Checkpoint, ShardWriter, read_many
@@ -58,6 +60,7 @@ class UnitJob:
     specs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
     staging: str
     device: str
+    side_by_side: int = 1  # units whose whole tensors the memory budget holds at once (share_budget)
 
     @classmethod
     def from_plan(cls, plan: Plan, unit: Unit, staging: str) -> UnitJob:
@@ -101,11 +104,13 @@ class TensorStep:
 
 
 def tensor_steps(job: UnitJob) -> list[TensorStep]:
-    """The unit's tensors in order. One that does not fit the memory budget whole is streamed:
-    read and merged a window of rows at a time, its windows taking a quarter of the budget, so
-    that four such units (the CLI's default --workers) merge side by side. A tensor's inputs are
-    read ahead only if they fit beside the previous tensor's merge."""
+    """The unit's tensors in order. One that does not fit its unit's share of the memory budget
+    whole (the budget over side_by_side units) is streamed: read and merged a window of rows at a
+    time, its windows taking a quarter of the budget, so that four such units (the CLI's default
+    --workers) merge side by side. A tensor's inputs are read ahead only if they fit in the share
+    beside the previous tensor's merge."""
     room = memory_budget() - scratch_bytes(len(job.experts), job.device, streamed=True)
+    share = room // job.side_by_side
     steps: list[TensorStep] = []
     for name, out_dtype, shape in job.specs:
         per_input = sum(c.tensors[name].torch_dtype.itemsize for c in job.sources)  # bytes per element
@@ -113,14 +118,36 @@ def tensor_steps(job: UnitJob) -> list[TensorStep]:
         inputs = numel * per_input
         whole = inputs + numel * out_dtype.itemsize + kept_bytes(
             job.method, job.parameters, len(job.experts), numel, job.device, merge_threads())
-        if shape and whole > room:  # two windows of each input (one read ahead) and one of the output
+        if shape and whole > share:  # two windows of each input (one read ahead) and one of the output
             windowed = 2 * per_input + out_dtype.itemsize
             rows = window_rows(shape, windowed, room // 4)
             steps.append(TensorStep(name, rows, rows * math.prod(shape[1:]) * windowed, False, 0))
         else:
-            ahead = bool(steps) and steps[-1].held + inputs <= room
+            ahead = bool(steps) and steps[-1].held + inputs <= share
             steps.append(TensorStep(name, None, whole, ahead, inputs))
     return steps
+
+
+def share_budget(jobs: list[UnitJob]) -> list[UnitJob]:
+    """The jobs, sized so that the cores all merge. Where most of the model's elements sit in
+    units too large for one per core (up to 4: the CLI's default --workers, each merging with
+    merge_threads() = cores // 4 threads) to fit the memory budget at once, every unit gets that
+    share of it and streams what is larger. Only on the CPU, and for methods that read a streamed
+    tensor once (merge_ops.stream_passes): TIES's and DARE-L1's extra passes cost more than the
+    cores gain, and a GPU's merges take turns anyway. Measured on 2 cores (docs/benchmarks.md):
+    at 1B parameters, where a layer's whole MLP matrices left room for one unit at a time, task
+    arithmetic 1.6x and linear 1.1-1.3x faster; at 250M, where only the embeddings' units are that
+    large, sharing made task arithmetic 1.2x slower, so there it is left alone."""
+    cores = max(1, min(4, os.cpu_count() or 1))
+    if (cores == 1 or not jobs or torch.device(jobs[0].device).type != "cpu"
+            or stream_passes(jobs[0].method, jobs[0].parameters) > 1):
+        return jobs
+    budget = memory_budget()
+    sizes = [(unit_bytes(j), sum(math.prod(shape) for _, _, shape in j.specs)) for j in jobs]
+    crowded = sum(numel for peak, numel in sizes if peak * cores > budget)
+    if 2 * crowded <= sum(numel for _, numel in sizes):
+        return jobs
+    return [dataclasses.replace(j, side_by_side=cores) for j in jobs]
 
 
 def unit_bytes(job: UnitJob, steps: list[TensorStep] | None = None) -> int:

@@ -311,6 +311,14 @@ def kept_bytes(method: str, params: dict, n_experts: int, numel: int, device: to
     return 0
 
 
+def stream_passes(method: str, params: dict) -> int:
+    """How often merge_stream reads a streamed tensor's inputs: TIES three times (two counting
+    passes for its thresholds, then the merge), DARE with the L1 rescale twice, the others once."""
+    if method == "ties":
+        return 3
+    return 2 if method in ("dare_linear", "dare_ties") and params.get("rescale") == "l1" else 1
+
+
 def _keeps_draws(params: dict, device: torch.device | str, threads: int | None = None) -> bool:
     """DARE's L1 rescale on the numpy path keeps the draws of its pre-pass for the merge pass."""
     return params.get("rescale") == "l1" and kernels.numpy_on(device, threads)

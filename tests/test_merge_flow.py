@@ -139,6 +139,47 @@ def test_tensors_over_the_memory_budget_stream_from_s3_with_identical_output(
     assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
 
 
+LINEAR = """\
+models:
+  - model: {e0}
+  - model: {e1}
+  - model: {e2}
+merge_method: linear
+dtype: bfloat16
+"""
+
+
+@pytest.mark.parametrize("method, cores, streamed", [
+    ("linear", 2, True),   # read once when streamed: the budget is shared so that two units merge at once
+    ("linear", 1, False),  # one core: nothing to gain from sharing
+    ("ties", 2, False),    # TIES reads a streamed tensor three times: it keeps the whole budget
+])
+def test_units_stream_what_would_keep_the_other_cores_idle(prefect_api, zoo, tmp_path, monkeypatch, capsys,
+                                                           method, cores, streamed):
+    """A budget too small for two of these units at once (their chunk buffers alone fill it), that
+    holds an embedding's merge whole: on two cores a single-pass method gives each unit half the
+    budget, so the embeddings stream; TIES (three passes when streamed) and one core do not."""
+    import json
+
+    from merge_ops import scratch_bytes
+
+    base, experts = zoo
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts],
+                          LINEAR if method == "linear" else MERGEKIT_TIES)
+    inputs = 3 + (method != "linear")
+    embed = 96 * 32 * (inputs * 2 + 2)  # vocab x hidden x (bf16 inputs + the bf16 output)
+    monkeypatch.setenv("MERGELINE_MEMORY_BUDGET_MB", str((scratch_bytes(3, "cpu", streamed=True) + 1.5 * embed) / 2**20))
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    out = tmp_path / "merged"
+    assert cli(["plan", str(recipe), "--output", str(out), "--json"]) == 0
+    units = json.loads(capsys.readouterr().out)["units"]
+    assert {u["name"] for u in units if u["streamed_tensors"]} == ({"model.embed_tokens", "lm_head"} if streamed else set())
+    if streamed:
+        assert cli(["merge", str(recipe), "--output", str(out), "--catalog", str(tmp_path / "c.duckdb")]) == 0
+        got, _ = load_output(str(out), tmp_path, None)
+        assert_same(got, expected_merge(zoo, LINEAR))
+
+
 def test_read_cache_downloads_each_range_of_an_s3_input_once(
         prefect_api, zoo, s3_zoo, s3_env, bucket, tmp_path, monkeypatch, capsys):
     """MERGELINE_CACHE_DIR: a streamed TIES merge reads its embeddings three times, from S3 once;

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import merge_ops
-from merge_ops import merge_tensors
+from merge_ops import merge_tensors, stream_passes
 
 # ---------------------------------------------------------------- references (slow, plain)
 
@@ -382,6 +382,7 @@ def test_streamed_equals_whole_bit_for_bit(wide, method, params, passes, window,
     inputs = len(experts) + (method != "linear")
     # every pass reads every input once, window by window (a window holding all rows, once in all)
     assert sum(reads) == inputs * 700 * (passes if window < 700 else 1)
+    assert stream_passes(method, params) == passes  # what units size their budget share by
 
 
 @pytest.mark.parametrize("ahead", [False, True])
