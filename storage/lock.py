@@ -38,7 +38,7 @@ from storage.writer import staging_uri
 
 DEFAULT_WAIT_S = 3600.0  # MERGELINE_LOCK_WAIT_S: how long a run waits for another to finish
 DEFAULT_TTL_S = 60.0     # MERGELINE_LOCK_TTL_S: an S3 lease unrenewed this long is a dead holder's
-_POLL_S = 0.25
+_POLL_S = {"local": 0.25, "s3": 2.0}  # how often a waiting run looks again (an S3 look is a GET)
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -64,8 +64,7 @@ class OutputLock:
         self.wait_s = _env_seconds("MERGELINE_LOCK_WAIT_S", DEFAULT_WAIT_S) if wait_s is None else wait_s
         self.ttl_s = _env_seconds("MERGELINE_LOCK_TTL_S", DEFAULT_TTL_S) if ttl_s is None else ttl_s
         self._token = secrets.token_hex(8)
-        self._about = {"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose,
-                       "since": datetime.now(UTC).isoformat(timespec="seconds"), "token": self._token}
+        self._about = {"host": socket.gethostname(), "pid": os.getpid(), "purpose": purpose, "token": self._token}
         self._fd: int | None = None
         self._etag: str | None = None
         self._stop = threading.Event()
@@ -86,11 +85,11 @@ class OutputLock:
             if time.monotonic() - t0 > self.wait_s:
                 raise StorageError(
                     f"{self.output} is being written by another merge ({_describe(holder)}); gave up after "
-                    f"{self.wait_s:g} s (MERGELINE_LOCK_WAIT_S). If no merge is running, remove {self.uri}")
+                    f"{self.wait_s:g} s (MERGELINE_LOCK_WAIT_S)")
             if on_wait and holder.get("token") not in told:
                 told.add(holder.get("token"))
                 on_wait(f"waiting for {self.output}: another merge holds it ({_describe(holder)})")
-            time.sleep(_POLL_S)
+            time.sleep(_POLL_S["s3" if is_s3(self.uri) else "local"])
 
         (self._acquire_s3 if is_s3(self.uri) else self._acquire_local)(waiting)
         self.waited_s = time.monotonic() - t0
@@ -148,7 +147,7 @@ class OutputLock:
                 break
             os.close(fd)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, _body(self._about), 0)
+        os.pwrite(fd, _body(self._stamped()), 0)
         self._fd = fd
 
     # -- S3: a lease object ----------------------------------------------------------------------
@@ -157,6 +156,7 @@ class OutputLock:
         bucket, key = s3.split_s3_uri(self.uri)
         client = s3.shared_client()
         while True:
+            self._stamped()
             try:
                 self._etag = client.put_object(Bucket=bucket, Key=key, Body=self._lease(), IfNoneMatch="*")["ETag"]
                 break
@@ -184,6 +184,11 @@ class OutputLock:
             waiting(holder)
         self._renewer = threading.Thread(target=self._renew, args=(bucket, key), name="mergeline-lock", daemon=True)
         self._renewer.start()
+
+    def _stamped(self) -> dict:
+        """Who holds it, since now (the moment of taking it)."""
+        self._about["since"] = datetime.now(UTC).isoformat(timespec="seconds")
+        return self._about
 
     def _lease(self) -> bytes:
         """The lease body; `renewed` changes its ETag on every renewal, so a takeover's If-Match

@@ -122,9 +122,10 @@ def test_waiters_get_the_lock_in_turn(tmp_path):
 
 def test_a_renewed_s3_lease_is_never_taken_over(s3_env, bucket):
     out = f"s3://{bucket}/models/merged"
-    with OutputLock(out, ttl_s=1.5):  # renewed every 0.5 s
+    # renewed every second; the S3 clock's whole seconds make an age look up to 1 s older
+    with OutputLock(out, ttl_s=3):
         with pytest.raises(StorageError, match="being written by another merge"):
-            OutputLock(out, wait_s=4, ttl_s=1.5).acquire()
+            OutputLock(out, wait_s=5, ttl_s=3).acquire()
 
 
 def test_a_stalled_s3_holder_learns_it_lost_the_lease_and_leaves_the_new_one(s3_env, bucket):
