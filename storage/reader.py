@@ -27,6 +27,7 @@ from storage.uri import (
     is_s3,
     join,
     listing_identities,
+    map_range,
     normalize,
     read_into,
     stat,
@@ -69,21 +70,33 @@ def fetch(ident: FileIdentity, start: int, end: int, cache: ReadCache | None,
     """Bytes [start, end) of a file as a uint8 tensor, read straight into its memory (`out`'s,
     if given: a contiguous CPU tensor of exactly that many bytes).
 
-    Only S3 reads go through the cache: copying a local file into a local cache gains nothing.
+    A large range of a local file with no `out` is mapped instead of read (storage.uri.map_range):
+    reading it would copy the page cache into fresh pages, and on the benchmark machine faulting
+    those in cost more than the copy (task arithmetic on one 32.8M-element tensor, 4 experts:
+    0.29-0.32 s read, 0.11-0.12 s mapped). Only S3 reads go through the cache: copying a local
+    file into a local cache gains nothing.
     """
+    local = not is_s3(ident.uri)
+    if out is None and local and end - start >= _MAP_MIN and start % _MAP_ALIGN == 0:
+        mapped, offset = map_range(ident, start, end)
+        return torch.frombuffer(mapped, dtype=torch.uint8, offset=offset, count=end - start)
     buf = torch.empty(end - start, dtype=torch.uint8) if out is None else out.reshape(-1).view(torch.uint8)
     if buf.numel() != end - start:
         raise ValueError(f"{ident.uri}: {end - start} bytes to read into a buffer of {buf.numel()}")
     if end == start:
         return buf
     view = memoryview(buf.numpy())
-    if cache is None or not is_s3(ident.uri):
+    if cache is None or local:
         read_into(ident, start, view)
     elif not cache.get_into(ident, start, view):
         read_into(ident, start, view)
         cache.record_miss(len(view))
         cache.put(ident, start, view)
     return buf
+
+
+_MAP_MIN = 1 << 20  # smaller reads (headers, configs, norms) are cheaper to copy than to map
+_MAP_ALIGN = 8      # a mapped range must start aligned for every dtype's view of it
 
 
 def read_small(ident: FileIdentity, cache: ReadCache | None) -> bytes:

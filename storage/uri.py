@@ -5,6 +5,7 @@ Everything above this module speaks URIs; only here (and in s3.py) do local and 
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import shutil
@@ -152,13 +153,45 @@ def read_into(ident: FileIdentity, start: int, out: memoryview) -> None:
         s3.get_range_into(bucket, key, start, out, etag=ident.etag, version_id=ident.version_id)
         return
     with open(ident.uri, "rb") as f:
-        st = os.fstat(f.fileno())
-        if st.st_size != ident.size or f"mtime-{st.st_mtime_ns}" != ident.etag:
-            raise CheckpointError(f"{ident.uri} changed since it was opened; reopen the checkpoint")
+        _check_unchanged(ident, f)
         f.seek(start)
         got = f.readinto(out)
     if got != len(out):
         raise CheckpointError(f"{ident.uri}: file shorter than expected ({start + got} < {start + len(out)} bytes)")
+
+
+def map_range(ident: FileIdentity, start: int, end: int) -> tuple[mmap.mmap, int]:
+    """Bytes [start, end) of a local file mapped into memory: (the mapping, where they start in it).
+
+    No copy and no fresh pages: the range is the page cache's own pages, read from disk now if
+    they are not there (MADV_POPULATE_READ, Linux 5.14+; elsewhere they fault in on first touch).
+    Copy-on-write, so writing to it never reaches the file. The mapping lasts as long as anything
+    refers to it. As with every memory map (safetensors' own loader too), truncating the file
+    while it is mapped kills the process (SIGBUS): the file's identity is checked here, as reads
+    check it.
+    """
+    with open(ident.uri, "rb") as f:
+        size = _check_unchanged(ident, f)
+        if end > size:
+            raise CheckpointError(f"{ident.uri}: file shorter than expected ({size} < {end} bytes)")
+        first = start - start % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(f.fileno(), end - first, offset=first, access=mmap.ACCESS_COPY)
+    try:
+        mapped.madvise(_MADV_POPULATE_READ)
+    except OSError:  # an older kernel: the pages fault in as they are first touched
+        pass
+    return mapped, start - first
+
+
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.11 does not name it
+
+
+def _check_unchanged(ident: FileIdentity, f) -> int:
+    """The open file's size, if it is still the file `ident` describes."""
+    st = os.fstat(f.fileno())
+    if st.st_size != ident.size or f"mtime-{st.st_mtime_ns}" != ident.etag:
+        raise CheckpointError(f"{ident.uri} changed since it was opened; reopen the checkpoint")
+    return st.st_size
 
 
 def exists(uri: str) -> bool:

@@ -232,6 +232,24 @@ def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
     assert_same(after, expected_merge(zoo, MERGEKIT_TIES))
 
 
+def test_local_inputs_mapped_into_memory_merge_to_the_same_bits(prefect_api, zoo, tmp_path, monkeypatch):
+    """Every local tensor mapped (storage maps only those of 1 MiB and more; the zoo's are smaller):
+    the merge reads the files' own pages and gives the bits merge_ops gives on loaded tensors."""
+    monkeypatch.setattr(storage.reader, "_MAP_MIN", 0)
+    mapped = []
+    map_range = storage.reader.map_range
+    monkeypatch.setattr(storage.reader, "map_range",
+                        lambda ident, a, b: mapped.append((ident.uri, a)) or map_range(ident, a, b))
+    base, experts = zoo
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]),
+                         output=str(tmp_path / "merged"))
+    got, _ = load_output(run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))["output"], tmp_path, None)
+    assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+    aligned = {(ck.files[t.file].uri, t.start) for ck in map(storage.open_checkpoint, map(str, [base, *experts]))
+               for t in ck.tensors.values() if t.start % 8 == 0}  # the others are read
+    assert len(aligned) >= 2 * len(got) and aligned <= set(mapped)
+
+
 def test_killed_run_resumes_only_unfinished_units(prefect_api, tmp_path):
     base, experts = tiny_llama_zoo(tmp_path / "zoo", n_experts=3, layers=12, hidden=128)
     recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])

@@ -277,6 +277,57 @@ def test_gaps_between_tensors_are_accepted(tmp_path):
     assert ck.read_tensor("b").tolist() == [3.0, 4.0]
 
 
+def mapped_files(t: torch.Tensor) -> set[str]:
+    """The files whose mappings in this process hold t's first byte."""
+    addr, found = t.data_ptr(), set()
+    for line in open("/proc/self/maps"):
+        span, _, offset, _, _, *path = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= addr < hi and path and path[0].startswith("/"):
+            found.add(path[0])
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_large_local_tensors_are_mapped_not_copied(tmp_path):
+    """Reading a large tensor maps the file's pages (no copy into fresh memory); the result has the
+    file's bytes, writing to it never changes the file, and a range the mapping would need to start
+    unaligned is read instead."""
+    big = torch.randn(1024, 513)  # 2.1 MB of float32: mapped
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"big": big, "small": torch.arange(6.0)}, tmp_path / "model.safetensors")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    ck = open_checkpoint(str(tmp_path))
+    got = ck.read_tensor("big")
+    assert same(got, big) and mapped_files(got) == {str(tmp_path / "model.safetensors")}
+    assert mapped_files(ck.read_tensor("small")) == set()  # small reads are copied
+    got.mul_(2)  # copy-on-write
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert same(ck.read_tensor("big"), big)
+
+    # a tensor whose data starts at an odd offset in the file (legal, if unusual) is read, not mapped
+    odd = torch.randn(600_000).to(torch.bfloat16)
+    data = b"\0" + odd.view(torch.uint8).numpy().tobytes()
+    header = {"pad": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "odd": {"dtype": "BF16", "shape": [600_000], "data_offsets": [1, len(data)]}}
+    h = json.dumps(header).encode()
+    raw_file(tmp_path / "model.safetensors", h + b" " * (-len(h) % 8), data)
+    ck = open_checkpoint(str(tmp_path))
+    assert ck.tensors["odd"].start % 2 == 1
+    got = ck.read_tensor("odd")
+    assert same(got, odd) and mapped_files(got) == set()
+
+
+def test_a_file_changed_after_opening_is_refused_before_it_is_mapped(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"big": torch.randn(1024, 512)}, tmp_path / "model.safetensors")
+    ck = open_checkpoint(str(tmp_path))
+    time.sleep(0.01)
+    save_file({"big": torch.randn(512, 512)}, tmp_path / "model.safetensors")  # shorter: mapping it would SIGBUS
+    with pytest.raises(CheckpointError, match="changed since it was opened"):
+        ck.read_tensor("big")
+
+
 def sharded_copy(tiny_llamas, tmp_path):
     path = tmp_path / "sharded"
     shutil.copytree(tiny_llamas["sharded"], path)
