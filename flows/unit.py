@@ -187,7 +187,7 @@ def run_unit(job: UnitJob) -> dict:
                 continue
             inputs = (pending or read(step.name)).result()
             pending = read(steps[i + 1].name) if i + 1 < len(steps) and steps[i + 1].read_ahead else None
-            writer.write(step.name, _merge(job, step.name, inputs))
+            _merge(job, step.name, inputs, writer)
             del inputs
     _return_freed_memory()
     info = writer.result
@@ -292,9 +292,9 @@ def _read_to_gpu(job: UnitJob, name: str, copies: torch.cuda.Stream) -> _OnGpu:
     return _OnGpu(moved, ready)
 
 
-def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu) -> torch.Tensor:
-    """One tensor merged whole: on the CPU from host tensors, on a GPU from _read_to_gpu's copies
-    (the result comes back in pinned memory)."""
+def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu, writer: ShardWriter) -> None:
+    """One tensor merged whole and written: on the CPU from host tensors, its rows written a block
+    at a time; on a GPU from _read_to_gpu's copies, the result coming back in pinned memory."""
     out_dtype = dict((n, d) for n, d, _ in job.specs)[name]
     kw = dict(weights=list(job.weights), seed=job.seed, name=name, out_dtype=out_dtype, **job.parameters)
     tensors = inputs.tensors if isinstance(inputs, _OnGpu) else inputs
@@ -302,7 +302,8 @@ def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu) -> torc
     base = tensors[len(job.experts)] if job.base else None
     if job.device == "cpu":
         with _merge_thread_count():
-            return merge_tensors(job.method, experts, base, **kw)
+            merge_tensors(job.method, experts, base, write=lambda rows: writer.write(name, rows), **kw)
+        return
     with _gpu_slot(job.device):  # one merge at a time per GPU: tasks sharing a worker never fight over it
         stream = torch.cuda.current_stream(job.device)
         stream.wait_event(inputs.ready)
@@ -312,7 +313,7 @@ def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu) -> torc
         host = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
         host.copy_(merged, non_blocking=True)
         stream.synchronize()
-        return host
+    writer.write(name, host)
 
 
 def _merge_streamed(job: UnitJob, name: str, rows: int, writer: ShardWriter, read_ahead: Executor) -> None:

@@ -317,6 +317,27 @@ def test_chunked_equals_unchunked_bit_for_bit(case, method, chunk, rescale, path
     assert torch.equal(whole, chunked)
 
 
+@settings(max_examples=40, deadline=None)
+@given(merge_case(), st.sampled_from(ALL), st.integers(1, 50), st.sampled_from([True, "l1"]), PATHS)
+def test_written_in_blocks_equals_returned_bit_for_bit(case, method, block, rescale, path):
+    """merge_tensors(write=): the merged rows, a block at a time (here `block` elements' worth of
+    whole rows, so blocks end inside chunks), are the tensor merge_tensors returns."""
+    experts, base, weights, density = case
+    params = {} if method in ("linear", "task_arithmetic") else {"density": density}
+    if method.startswith("dare"):
+        params["rescale"] = rescale
+    written = []
+    with kernels(path), mock.patch.object(merge_ops.merge, "_BLOCK_ELEMENTS", block):
+        whole = merge_tensors(method, experts, base, weights=weights, name="w", chunk_size=7, **params)
+        assert merge_tensors(method, experts, base, weights=weights, name="w", chunk_size=7,
+                             write=lambda rows: written.append(rows.clone()), **params) is None
+    if whole.dim() == 0:
+        assert len(written) == 1 and torch.equal(written[0], whole)
+        return
+    assert all(w.shape[1:] == whole.shape[1:] for w in written)
+    assert torch.equal(torch.cat(written), whole)
+
+
 def row_streams(tensors, labels, window, reads=None, read_ahead=None, fills=False):
     """RowStreams over in-memory tensors; `reads` (a list) collects the rows each read asks for.
     fills: the reads fill the stream's buffers (as flows/unit's do) instead of returning copies."""
