@@ -33,6 +33,10 @@ from .unit import UnitJob, run_unit, share_budget
 
 # Called as listener(unit_name, done, total, cached) when a unit finishes: the CLI's progress bar.
 progress_listeners: list[Callable[[str, int, int, bool], None]] = []
+# The UI's progress artifact is updated at most this often, and when the last unit is done: each
+# update is a blocking API call (44 ms on the bench machine), 0.8 s of a 254M linear merge's 2.6 s
+# in the flow when every one of its 19 units posted one.
+PROGRESS_EVERY_S = 1.0
 
 
 def _transient(task, task_run, state) -> bool:
@@ -142,12 +146,15 @@ def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]
     futures = {merge_layer.submit(unit_id=name, job=job): name for name, job in jobs.items()}
     results: dict[str, dict] = {}
     cached: set[str] = set()
+    posted = time.monotonic()
     for done, fut in enumerate(as_completed(list(futures)), start=1):
         name = futures[fut]
         results[name] = fut.result()
         if fut.state.name == "Cached":
             cached.add(name)
-        update_progress_artifact(artifact, progress=100.0 * done / len(futures))
+        if done == len(futures) or time.monotonic() - posted >= PROGRESS_EVERY_S:
+            update_progress_artifact(artifact, progress=100.0 * done / len(futures))
+            posted = time.monotonic()
         for listener in progress_listeners:
             listener(name, done, len(futures), name in cached)
     for name in list(cached):  # a cache hit only counts if its shard still exists

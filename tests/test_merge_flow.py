@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -218,12 +219,25 @@ def test_read_cache_downloads_each_range_of_an_s3_input_once(
             assert downloads == []
 
 
+def progress_shown(output: str) -> float:
+    """What the Prefect UI shows as the merge's progress: its flow run's progress artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    run_id = json.loads((Path(output) / storage.SIDECAR_NAME).read_text())["flow_run_id"]
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["merge-progress"]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return artifact.data
+
+
 def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
     base, experts = zoo
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]),
                          output=str(tmp_path / "merged"))
     first = run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
     assert first["cached"] == [] and len(first["computed"]) == first["units"] == 6
+    assert progress_shown(first["output"]) == 100.0  # however few updates the UI was sent
     before, _ = load_output(first["output"], tmp_path, None)
     second = run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
     assert second["computed"] == [] and len(second["cached"]) == 6
