@@ -9,6 +9,7 @@ import mmap
 import os
 import re
 import shutil
+import sys
 import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -176,14 +177,16 @@ def map_range(ident: FileIdentity, start: int, end: int) -> tuple[mmap.mmap, int
             raise CheckpointError(f"{ident.uri}: file shorter than expected ({size} < {end} bytes)")
         first = start - start % mmap.ALLOCATIONGRANULARITY
         mapped = mmap.mmap(f.fileno(), end - first, offset=first, access=mmap.ACCESS_COPY)
-    try:
-        mapped.madvise(_MADV_POPULATE_READ)
-    except OSError:  # an older kernel: the pages fault in as they are first touched
-        pass
+    if _MADV_POPULATE_READ is not None:
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+        except OSError:  # a kernel before 5.14: the pages fault in as they are first touched
+            pass
     return mapped, start - first
 
 
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.11 does not name it
+# Linux's value (Python 3.11 does not name it); on other systems 22 may mean something else
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 
 def _check_unchanged(ident: FileIdentity, f) -> int:
