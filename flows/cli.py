@@ -10,6 +10,7 @@ import argparse
 import atexit
 import os
 import sys
+import threading
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +76,11 @@ def run() -> None:
     """The console script: main(), then exit without tearing the interpreter down.
 
     Unloading torch, Prefect and their modules takes about a second on a small machine and does
-    nothing for a finished command. Exit handlers (Prefect's log and event flushes, logging)
-    still run and output is flushed first; an unexpected exception still exits the usual way.
+    nothing for a finished command. What an exit does before that still runs, in the interpreter's
+    order: threads' exit hooks first (Prefect drains its log and event queues there), then the exit
+    handlers (Prefect stops the ephemeral API server there; in the other order the last logs went
+    to a stopped server, and every bare `mergeline merge` ended "Error logging to API"), then output
+    is flushed. An unexpected exception still exits the usual way.
     """
     try:
         code = main()
@@ -86,6 +90,7 @@ def run() -> None:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
+    threading._shutdown()  # what Py_Finalize runs first: threading._register_atexit hooks, then joins
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,22 @@ def test_catalog_queries_do_not_load_torch_or_prefect(tmp_path):
     Catalog(catalog)
     argv = ["catalog", "--catalog", str(catalog), "runs", "--json"]
     assert modules_loaded_by(argv, ("torch", "prefect", "transformers")) == []
+
+
+def test_a_merge_on_prefects_ephemeral_api_ends_cleanly(tmp_path):
+    """Without PREFECT_API_URL, `mergeline merge` starts Prefect's temporary API server and stops it
+    as it exits: only after Prefect has sent its last logs (stopped first, every such run ended
+    with '--- Error logging to API ---' after a successful merge)."""
+    from tests.factory import tiny_llama_zoo
+
+    _, experts = tiny_llama_zoo(tmp_path / "zoo", n_experts=2, layers=1)
+    recipe = tmp_path / "soup.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {experts[0]}\n  - model: {experts[1]}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    r = _mergeline("merge", str(recipe), "--output", str(tmp_path / "out"), "--catalog", str(tmp_path / "c.duckdb"),
+                   env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"published {tmp_path / 'out'}" in r.stdout
+    assert "Stopping temporary server" in r.stderr  # the ephemeral API was the one used
+    assert "Error logging to API" not in r.stderr, r.stderr[-2000:]
