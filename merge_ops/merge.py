@@ -35,9 +35,8 @@ def merge_tensors(
     elements on CPU and GPU_CHUNK on an accelerator; any chunking gives identical output.
 
     With `write`, the merged tensor is never made whole: its rows go to write(rows), a block of
-    about 4 MiB at a time, in order, and merge_tensors returns None. Filling fresh memory for the
-    whole output cost more than the merge itself for the cheap methods (page faults: 0.1M of the
-    linear bench merge's 0.2M).
+    about 4 MiB at a time, in order, and merge_tensors returns None. Half of the page faults left
+    in a linear merge of the benchmark model were its fresh output tensors.
     """
     if chunk_size not in ("auto", None) and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive number of elements, got {chunk_size}")

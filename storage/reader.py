@@ -146,7 +146,8 @@ class Checkpoint:
     def read_tensor(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None
                     ) -> torch.Tensor:
         """The tensor (or rows [r0, r1) of its first dimension) as a CPU tensor in its stored dtype:
-        new memory, or `out`'s (a contiguous CPU tensor of that many bytes) filled."""
+        its own memory (for a large local tensor, the file's pages mapped copy-on-write: see fetch),
+        or `out`'s (a contiguous CPU tensor of that many bytes) filled."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.uri}: no tensor {name!r}")
