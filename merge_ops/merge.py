@@ -44,13 +44,14 @@ def merge_tensors(
     kernel, reference = _prepare(method, experts, base, weights, seed, name, params)
     dtype, shape, n = dtype or reference.dtype, reference.shape, reference.numel()
     step = n if chunk_size is None else default_chunk(reference.device) if chunk_size == "auto" else chunk_size
+    step = max(step, 1)
     if write is not None and len(shape) > 0 and n > 0:
-        rows = max(1, _BLOCK_ELEMENTS // (n // shape[0]))
-        block = torch.empty(min(rows, shape[0]) * (n // shape[0]), dtype=dtype, device=reference.device)
-        _write_blocks(kernel, n, max(step, 1), shape, block, write)
+        row = n // shape[0]
+        block = torch.empty(min(max(1, _BLOCK_ELEMENTS // row), shape[0]) * row, dtype=dtype, device=reference.device)
+        _write_blocks(kernel, n, step, shape, block, write)
         return None
     out = torch.empty(n, dtype=dtype, device=reference.device)
-    for start in range(0, n, max(step, 1)):
+    for start in range(0, n, step):
         stop = min(n, start + step)
         out[start:stop] = kernel(start, stop)
     if write is None:

@@ -281,7 +281,7 @@ def mapped_files(t: torch.Tensor) -> set[str]:
     """The files whose mappings in this process hold t's first byte."""
     addr, found = t.data_ptr(), set()
     for line in open("/proc/self/maps"):
-        span, _, offset, _, _, *path = line.split()
+        span, _, _, _, _, *path = line.split()
         lo, hi = (int(x, 16) for x in span.split("-"))
         if lo <= addr < hi and path and path[0].startswith("/"):
             found.add(path[0])
