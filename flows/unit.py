@@ -117,7 +117,7 @@ def tensor_steps(job: UnitJob) -> list[TensorStep]:
         numel = math.prod(shape)
         inputs = numel * per_input
         whole = inputs + numel * out_dtype.itemsize + kept_bytes(
-            job.method, job.parameters, len(job.experts), numel, job.device, merge_threads())
+            job.method, job.parameters, len(job.experts), numel, job.device)
         if shape and whole > share:  # two windows of each input (one read ahead) and one of the output
             windowed = 2 * per_input + out_dtype.itemsize
             rows = window_rows(shape, windowed, room // 4)

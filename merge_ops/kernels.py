@@ -1,10 +1,9 @@
-"""Which implementation of the integer-heavy steps (DARE's draws, TIES's bracket) a merge runs.
+"""Which implementation of a merge's element loops runs: merge_ops.fused (numba) on the CPU,
+torch's own kernels on an accelerator. Both give the same bits; tests switch between them to
+cover both on any machine.
 
-numpy on a CPU merge with one intra-op thread: numpy has unsigned 32-bit operations and cheap
-bool outputs, where torch's CPU kernels emulate the first and write the second several times
-slower. torch with more threads (numpy's steps are single-threaded, torch's parallel; on the
-benchmark machine the two are equal at 2 threads) and on an accelerator. Both give the same bits.
-Tests switch between them to cover both on any machine.
+Measured on the benchmark machine (one thread, bf16, 4 experts): TIES's merge pass 2.0 -> 0.5 ns
+per element and expert, its threshold pass 1.7 -> 0.7, DARE's drawn drop 1.3 (numpy) -> 0.4.
 """
 
 from __future__ import annotations
@@ -12,7 +11,13 @@ from __future__ import annotations
 import torch
 
 
-def numpy_on(device: torch.device | str, threads: int | None = None) -> bool:
-    """threads: the merge's intra-op threads (default: torch's current count for this thread)."""
-    threads = torch.get_num_threads() if threads is None else threads
-    return torch.device(device).type == "cpu" and threads == 1
+def fused_on(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def fused():
+    """merge_ops.fused, imported on first use (numba's import and cache load cost 0.2-0.4 s, which
+    commands that never merge on the CPU should not pay)."""
+    from . import fused as module
+
+    return module

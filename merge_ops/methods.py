@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .dropout import DropMask, KeptBits, stream_keys
+from .dropout import _I32_POSITIONS, DropMask, stream_keys
 from .registry import Param, register
 from .stream import RowStream
 from .topk import _SMALL, Bracket, RadixSelect, _kth_largest_select, keep_count, max_inside, sample_positions
@@ -212,9 +212,17 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
             base_at[k] = base[positions[k]].to(torch.float32)
         sample = (experts[i][positions[k]].to(torch.float32) - base_at[k]).abs_()
         brackets[i] = Bracket(n, k, sample)
-    for magnitudes in _magnitude_chunks(experts, base, todo):
-        for i, mag in magnitudes:
-            brackets[i].feed(mag)
+    if kernels.fused_on(base.device):  # |expert - base| made as the compiled loop reads them
+        scratch = _Scratch(base.device)
+        for start in range(0, n, DEFAULT_CHUNK):
+            stop = min(n, start + DEFAULT_CHUNK)
+            b = _load(scratch("base", stop - start), base[start:stop]).numpy()
+            for i in todo:
+                brackets[i].feed_deltas(_arrays([experts[i][start:stop]], scratch)[0], b)
+    else:
+        for magnitudes in _magnitude_chunks(experts, base, todo):
+            for i, mag in magnitudes:
+                brackets[i].feed(mag)
     found = {i: bracket.result() for i, bracket in brackets.items()}
     # where the sampled bracket missed (adversarial data): two more passes, still exact
     found |= _radix_thresholds(experts, base, {i: todo[i] for i, f in found.items() if f is None})
@@ -265,6 +273,8 @@ def ties(experts, base, weights, params, seed, name) -> Kernel:
               for t in _ties_thresholds(experts, base, params["density"])]
     lam, normalize = params["lambda"], params["normalize"]
     scratch = _Scratch(base.device)
+    if kernels.fused_on(base.device):
+        return _fused_elect_mean(experts, base, weights, normalize, lam, [-np.inf if t is None else t for t in shrink])
 
     def kernel(start: int, stop: int) -> torch.Tensor:
         m = stop - start
@@ -278,6 +288,43 @@ def ties(experts, base, weights, params, seed, name) -> Kernel:
         return _scale_(_disjoint_mean_(deltas, weights, normalize, scratch, m), lam).add_(b)
 
     return kernel
+
+
+def _fused_elect_mean(experts, base, weights, normalize: bool, lam: float, below: Sequence[float],
+                      dare: _Dare | None = None) -> Kernel:
+    """TIES's and DARE-TIES's kernel on the CPU: merge_ops.fused.elect_mean reads each chunk of
+    the experts as it is (bf16 included) and does the whole merge of it in one compiled loop."""
+    fused, scratch = kernels.fused(), _Scratch(base.device)
+    n = len(experts)
+    below, w, lam32 = np.array(below, dtype=np.float32), np.array(weights, dtype=np.float32), np.float32(lam)
+    if dare is None:
+        keys, thresholds, scales = np.zeros((n, 2), np.uint64), np.zeros(n, np.uint64), np.ones(n, np.float32)
+    else:
+        keys, thresholds, scales = dare.fused_arguments()
+
+    def kernel(start: int, stop: int) -> torch.Tensor:
+        m = stop - start
+        b, out = _load(scratch("base", m), base[start:stop]), scratch("out", m)
+        chunks = _arrays([e[start:stop] for e in experts], scratch)
+        fused.elect_mean(chunks, start, b.numpy(), below, dare is not None, keys, thresholds, scales, w, normalize,
+                         lam32, out.numpy())
+        return out
+
+    return kernel
+
+
+_AS_ARRAY = {torch.bfloat16: lambda c: c.view(torch.uint16).numpy(), torch.float32: torch.Tensor.numpy,
+             torch.float64: torch.Tensor.numpy}
+
+
+def _arrays(chunks: Sequence[torch.Tensor], scratch: _Scratch) -> tuple[np.ndarray, ...]:
+    """CPU chunks as numpy arrays of one dtype, for merge_ops.fused (see fused.load): views of
+    bfloat16 (as its uint16 bits), float32 or float64 tensors; float32 copies where the dtypes
+    differ or numba has none (float16)."""
+    dtypes = {c.dtype for c in chunks}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) in _AS_ARRAY:
+        return tuple(_AS_ARRAY[dtype](c.contiguous()) for c in chunks)
+    return tuple(_load(scratch(("f32", i), c.numel()), c).numpy() for i, c in enumerate(chunks))
 
 
 # Chunk-sized buffers a merge holds at most, in float32 chunks. Measured (the process's peak RSS
@@ -298,16 +345,12 @@ def scratch_bytes(n_experts: int, device: torch.device | str, streamed: bool = F
     return chunks * DEFAULT_CHUNK * 4 + (n_experts * RadixSelect.COUNTERS_BYTES if streamed else 0)
 
 
-def kept_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str,
-               threads: int | None = None) -> int:
+def kept_bytes(method: str, params: dict, n_experts: int, numel: int, device: torch.device | str) -> int:
     """Host bytes a merge of one whole tensor keeps besides its inputs, output and chunk buffers:
     TIES's bracket candidates (at most topk.max_inside per expert, float32) on a CPU merge of a
-    tensor too large to select on at once; DARE's L1 rescale on the numpy path, its pre-pass draws
-    (one bit per element and expert). threads: the merge's intra-op threads (see merge_ops.kernels)."""
+    tensor too large to select on at once."""
     if method == "ties" and numel > _SMALL and torch.device(device).type == "cpu":
         return n_experts * max_inside(numel) * 4
-    if method in ("dare_linear", "dare_ties") and _keeps_draws(params, device, threads):
-        return n_experts * ((numel + 7) // 8)
     return 0
 
 
@@ -319,66 +362,62 @@ def stream_passes(method: str, params: dict) -> int:
     return 2 if method in ("dare_linear", "dare_ties") and params.get("rescale") == "l1" else 1
 
 
-def _keeps_draws(params: dict, device: torch.device | str, threads: int | None = None) -> bool:
-    """DARE's L1 rescale on the numpy path keeps the draws of its pre-pass for the merge pass."""
-    return params.get("rescale") == "l1" and kernels.numpy_on(device, threads)
+class _Dare:
+    """DARE's drop and rescale for one tensor's experts: the masks, and the rescale factors (for
+    the L1 rescale, from a pre-pass over the tensor)."""
 
+    def __init__(self, experts, base, params, seed, name):
+        self.experts, densities, device = experts, params["density"], base.device
+        self.masks = [DropMask(stream_keys(seed, name, i), densities[i], device) for i in range(len(experts))]
+        self.fused = kernels.fused() if kernels.fused_on(device) and base.numel() <= _I32_POSITIONS else None
+        self.scratch = _Scratch(device)
+        mode = params["rescale"]
+        if mode == "density":
+            self.scales = [1.0 / d for d in densities]
+        elif mode == "l1":  # match each task vector's L1 norm before and after the drop (mergekit's rescale_norm)
+            self.scales = self._l1_scales(base)
+        else:
+            self.scales = [1.0] * len(experts)
 
-def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callable[[int, int, torch.Tensor],
-                                                                                   list[torch.Tensor]]:
-    """Dropped-and-rescaled deltas for elements [start, stop), one per expert, in scratch buffers."""
-    densities = params["density"]
-    device = base.device
-    masks = [DropMask(stream_keys(seed, name, i), densities[i], device) for i in range(len(experts))]
-    kept: list[KeptBits | None] = [None] * len(experts)  # decisions a pre-pass drew, to reuse
-
-    def keep(i: int, start: int, stop: int, buffers: _Scratch, record: KeptBits | None = None) -> torch.Tensor:
-        """1.0 where entry survives, 0.0 where it is dropped (float32)."""
-        m = stop - start
-        if kept[i] is not None:
-            return kept[i].load_into(start, stop, buffers("keep", m))
-        return masks[i].keep_into(start, stop, buffers("keep", m), buffers("h", m, torch.int32),
-                                  buffers("t", m, torch.int32), buffers.ramp(m), record)
-
-    def dropped_into(out: torch.Tensor, i: int, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
-        d = _sub_into(out, experts[i][start:stop], b)
-        if not masks[i].drops_nothing:
-            d.mul_(keep(i, start, stop, scratch))  # d, or a zero
-        return d
-
-    n = base.numel()
-    mode = params["rescale"]
-    if mode == "density":
-        scales = [1.0 / d for d in densities]
-    elif mode == "l1":  # match each task vector's L1 norm before and after the drop (mergekit's rescale_norm)
-        prep = _Scratch(device)
-        before, after = [0.0] * len(experts), [0.0] * len(experts)
-        # On the numpy path (CPU) the draws are kept, n / 8 bytes per expert, for the merge pass:
-        # reading them back costs a tenth of drawing them again. Not for a stream, whose memory
-        # must not grow with the tensor.
-        keeps = _keeps_draws(params, device) and not isinstance(base, RowStream)
-        record = [KeptBits(n) if keeps and not mask.drops_nothing else None for mask in masks]
-        block = default_chunk(device)
+    def _l1_scales(self, base) -> list[float]:
+        prep, n = _Scratch(base.device), base.numel()
+        before, after = [0.0] * len(self.experts), [0.0] * len(self.experts)
+        block = default_chunk(base.device)
         for start in range(0, n, block):
             stop = min(n, start + block)
             m = stop - start
             b, d, mag = _load(prep("base", m), base[start:stop]), prep("d", m), prep("mag", m)
-            for i in range(len(experts)):
-                _sub_into(d, experts[i][start:stop], b)
+            for i, e in enumerate(self.experts):
+                _sub_into(d, e[start:stop], b)
                 before[i] += float(torch.abs(d, out=mag).sum(dtype=torch.float64))
-                if not masks[i].drops_nothing:
-                    mag.mul_(keep(i, start, stop, prep, record[i]))
-                after[i] += float(mag.sum(dtype=torch.float64))
-        kept[:] = record
-        scales = [bf / af if af > 0 else 0.0 for bf, af in zip(before, after, strict=True)]
-    else:
-        scales = [1.0] * len(experts)
+                after[i] += float(self.drop_(mag, i, start, stop, 1.0).sum(dtype=torch.float64))
+        return [bf / af if af > 0 else 0.0 for bf, af in zip(before, after, strict=True)]
 
-    def deltas(start: int, stop: int, b: torch.Tensor) -> list[torch.Tensor]:
-        m = stop - start
-        return [_scale_(dropped_into(scratch(("d", i), m), i, start, stop, b), scales[i]) for i in range(len(experts))]
+    def drop_(self, d: torch.Tensor, i: int, start: int, stop: int, scale: float) -> torch.Tensor:
+        """d (elements [start, stop) of expert i's deltas), times 1.0 where the entry survives and
+        0.0 where it is dropped, times scale; in place."""
+        mask = self.masks[i]
+        if mask.drops_nothing:
+            return _scale_(d, scale)
+        if self.fused is not None:
+            k1, k2 = mask.keys
+            self.fused.drop_(d.numpy(), np.uint64(k1), np.uint64(k2), start, np.uint64(mask.threshold),
+                             np.float32(scale))
+            return d
+        m, buf = stop - start, self.scratch
+        keep = mask.keep_into(start, stop, buf("keep", m), buf("h", m, torch.int32), buf("t", m, torch.int32),
+                              buf.ramp(m))
+        return _scale_(d.mul_(keep), scale)
 
-    return deltas
+    def delta_into(self, out: torch.Tensor, i: int, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
+        """Expert i's dropped-and-rescaled deltas for elements [start, stop), written to out."""
+        return self.drop_(_sub_into(out, self.experts[i][start:stop], b), i, start, stop, self.scales[i])
+
+    def fused_arguments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The keys, keep thresholds and scales as fused.elect_mean takes them."""
+        keys = np.array([m.keys for m in self.masks], dtype=np.uint64)
+        thresholds = np.array([m.threshold for m in self.masks], dtype=np.uint64)
+        return keys, thresholds, np.array(self.scales, dtype=np.float32)
 
 
 @register(
@@ -390,13 +429,14 @@ def _dare_deltas(experts, base, params, seed, name, scratch: _Scratch) -> Callab
 )
 def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
     scratch = _Scratch(base.device)
-    deltas = _dare_deltas(experts, base, params, seed, name, scratch)
+    dare = _Dare(experts, base, params, seed, name)
     lam = params["lambda"]
 
     def kernel(start: int, stop: int) -> torch.Tensor:
         m = stop - start
         b = _load(scratch("base", m), base[start:stop])
-        total = _weighted_sum_into(scratch("acc", m), scratch("tmp", m), deltas(start, stop, b), weights)
+        deltas = [dare.delta_into(scratch(("d", i), m), i, start, stop, b) for i in range(len(experts))]
+        total = _weighted_sum_into(scratch("acc", m), scratch("tmp", m), deltas, weights)
         return _scale_(total, lam).add_(b)
 
     return kernel
@@ -410,12 +450,15 @@ def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
 )
 def dare_ties(experts, base, weights, params, seed, name) -> Kernel:
     scratch = _Scratch(base.device)
-    deltas = _dare_deltas(experts, base, params, seed, name, scratch)
+    dare = _Dare(experts, base, params, seed, name)
     lam, normalize = params["lambda"], params["normalize"]
+    if dare.fused is not None:  # DARE drops; it never trims
+        return _fused_elect_mean(experts, base, weights, normalize, lam, [-np.inf] * len(experts), dare)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
         m = stop - start
         b = _load(scratch("base", m), base[start:stop])
-        return _scale_(_disjoint_mean_(deltas(start, stop, b), weights, normalize, scratch, m), lam).add_(b)
+        deltas = [dare.delta_into(scratch(("d", i), m), i, start, stop, b) for i in range(len(experts))]
+        return _scale_(_disjoint_mean_(deltas, weights, normalize, scratch, m), lam).add_(b)
 
     return kernel
