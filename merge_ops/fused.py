@@ -159,12 +159,3 @@ def count_above_and_at(expert, base, hi, hi_bits):
         at += _bits_of_float(v) == hi_bits
     return above, at
 
-
-@njit(**_JIT)
-def all_finite_bits(bits, exponent):
-    """No NaN or Inf among floats given as their bit patterns (bfloat16 as uint16, float32 as
-    uint32): none has every exponent bit set. One vectorised pass, no temporaries."""
-    bad = 0
-    for j in range(bits.size):
-        bad |= (bits[j] & exponent) == exponent
-    return bad == 0
