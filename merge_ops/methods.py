@@ -329,7 +329,7 @@ def _arrays(chunks: Sequence[torch.Tensor], scratch: _Scratch) -> tuple[np.ndarr
 
 # Chunk-sized buffers a merge holds at most, in float32 chunks. Measured (the process's peak RSS
 # over one merge, glibc mapping every large block afresh): 10 + n_experts for DARE on torch's
-# path, fewer for the other methods and numpy's, with 2 to 8 experts; 2 spare.
+# path, fewer for the other methods and the fused path, with 2 to 8 experts; 2 spare.
 _SCRATCH_CHUNKS = 12
 _STREAM_CHUNKS = 4
 
