@@ -214,11 +214,9 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
         brackets[i] = Bracket(n, k, sample)
     if kernels.fused_on(base.device):  # |expert - base| made as the compiled loop reads them
         scratch = _Scratch(base.device)
-        for start in range(0, n, DEFAULT_CHUNK):
-            stop = min(n, start + DEFAULT_CHUNK)
-            b = _load(scratch("base", stop - start), base[start:stop]).numpy()
+        for start, stop, b in _base_blocks(base, scratch):
             for i in todo:
-                brackets[i].feed_deltas(_arrays([experts[i][start:stop]], scratch)[0], b)
+                brackets[i].feed_deltas(_arrays([experts[i][start:stop]], scratch)[0], b.numpy())
     else:
         for magnitudes in _magnitude_chunks(experts, base, todo):
             for i, mag in magnitudes:
@@ -232,14 +230,20 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
 def _magnitude_chunks(experts, base, todo):
     """Per chunk of the tensor, (i, |expert i - base|) for each i in todo: float32, in a buffer
     valid until the next magnitudes are made."""
-    n = base.numel()
     scratch = _Scratch(base.device)
+    for start, stop, b in _base_blocks(base, scratch):
+        mag = scratch("mag", stop - start)
+        yield ((i, _sub_into(mag, experts[i][start:stop], b).abs_()) for i in todo)
+
+
+def _base_blocks(base, scratch: _Scratch):
+    """(start, stop, the base's elements [start, stop) in float32) for each block of a
+    whole-tensor pass (default_chunk elements), in one scratch buffer reused block to block."""
+    n = base.numel()
     block = default_chunk(base.device)
     for start in range(0, n, block):
         stop = min(n, start + block)
-        b = _load(scratch("base", stop - start), base[start:stop])
-        mag = scratch("mag", stop - start)
-        yield ((i, _sub_into(mag, experts[i][start:stop], b).abs_()) for i in todo)
+        yield start, stop, _load(scratch("base", stop - start), base[start:stop])
 
 
 def _radix_thresholds(experts, base, ks: dict[int, int]) -> dict[int, float]:
@@ -380,13 +384,10 @@ class _Dare:
             self.scales = [1.0] * len(experts)
 
     def _l1_scales(self, base) -> list[float]:
-        prep, n = _Scratch(base.device), base.numel()
+        prep = _Scratch(base.device)
         before, after = [0.0] * len(self.experts), [0.0] * len(self.experts)
-        block = default_chunk(base.device)
-        for start in range(0, n, block):
-            stop = min(n, start + block)
-            m = stop - start
-            b, d, mag = _load(prep("base", m), base[start:stop]), prep("d", m), prep("mag", m)
+        for start, stop, b in _base_blocks(base, prep):
+            d, mag = prep("d", stop - start), prep("mag", stop - start)
             for i, e in enumerate(self.experts):
                 _sub_into(d, e[start:stop], b)
                 before[i] += float(torch.abs(d, out=mag).sum(dtype=torch.float64))

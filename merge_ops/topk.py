@@ -99,8 +99,7 @@ class Bracket:
             above, at = fused.count_above_and_at(expert, base, hi, self._lo_bits)
             self._above, self._n_at = self._above + above, self._n_at + at
             return
-        if self._inside is None:  # on the CPU, pages are committed as they are written: only what is used counts
-            self._inside = torch.empty(self._max_inside)
+        self._reserve(torch.device("cpu"))
         above, self._n_inside = fused.bracket_feed(expert, base, hi, self._lo_bits, self._width,
                                                    self._inside.numpy(), self._n_inside)
         self._above += above
@@ -111,10 +110,13 @@ class Bracket:
         end = self._n_inside + selected.numel()
         if end > self._max_inside:
             return self._give_up()
-        if self._inside is None:
-            self._inside = torch.empty(self._max_inside, device=selected.device)
+        self._reserve(selected.device)
         self._inside[self._n_inside:end] = selected
         self._n_inside = end
+
+    def _reserve(self, device) -> None:
+        if self._inside is None:  # on the CPU, pages are committed as they are written: only what is used counts
+            self._inside = torch.empty(self._max_inside, device=device)
 
     def _give_up(self) -> None:
         self._inside, self._n_inside, self._bufs, self._overflowed = None, 0, None, True
