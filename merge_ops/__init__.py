@@ -1,4 +1,4 @@
-"""merge_ops: the merge math, in torch (numpy for integer steps on CPU). No I/O, no orchestration.
+"""merge_ops: the merge math, in torch (compiled numba loops for the CPU's hot ones). No I/O, no orchestration.
 
     merge_tensors(method, experts, base, *, weights, seed, name, **params) -> Tensor
     merge_stream(...): the same for tensors too large to hold, read as RowStreams, written in rows

@@ -3,6 +3,7 @@ the Kubernetes job template are valid and every command, file and entrypoint the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -171,6 +172,18 @@ def test_dockerfiles_copy_what_exists_and_run_real_commands(name, torch_index):
     packaged = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     copied = {a.split()[0].rstrip("/") for k, a in steps if k == "COPY"}
     assert {p.rstrip("*") for p in packaged} <= copied, "every package pyproject installs is copied into the image"
+    runs = [a for k, a in steps if k == "RUN"]
+    if name == "Dockerfile.cpu":  # numba's loops compiled into the image, after mergeline is installed
+        warm = [i for i, a in enumerate(runs) if a == "python -m merge_ops.warm"]
+        assert warm and warm[0] > min(i for i, a in enumerate(runs) if "pip install -e ." in a)
+        assert importlib.util.find_spec("merge_ops.warm")
+
+
+def test_build_context_leaves_out_checkouts_local_state():
+    """The images build from the repository root: its virtual environment, benchmark checkpoints
+    (gigabytes) and this machine's compiled caches stay out of the context."""
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv/", ".bench/", "**/__pycache__/", ".git/"} <= set(ignored)
 
 
 def test_compose_stack_is_valid_and_its_commands_exist():

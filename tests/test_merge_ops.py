@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -744,6 +745,46 @@ def test_kept_bytes_counts_ties_brackets_only():
     assert kept_bytes("dare_linear", {"rescale": "l1"}, 3, n, "cpu") == 0
     assert kept_bytes("ties", {"density": 0.2}, 3, n, "cpu") == 3 * (n // 16) * 4  # the brackets
     assert kept_bytes("ties", {"density": 0.2}, 3, n, "cuda") == kept_bytes("ties", {}, 3, 1000, "cpu") == 0
+
+
+_MERGES_AFTER_WARM_UP = """
+import json, sys, torch
+from merge_ops import fused, merge_tensors
+n = 400_000
+g = torch.Generator().manual_seed(5)
+def merges(count, dtype):
+    base = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    experts = [(base.float() + torch.randn(n, generator=g) * 0.003).to(dtype) for _ in range(count)]
+    merge_tensors("ties", experts, base, name="w", density=0.3)
+    merge_tensors("dare_ties", experts, base, name="w", density=0.2, rescale="l1")
+    merge_tensors("dare_linear", experts, base, name="w", density=0.2)
+    merge_tensors("ties", [base + 2 ** -5, base - 2 ** -5], base, name="w", density=0.3)  # one-value brackets
+def compiled():
+    return {k: sum(getattr(fused, k).stats.cache_misses.values()) for k in
+            ("elect_mean", "bracket_feed", "count_above_and_at", "drop_")}
+for dtype in sys.argv[1:]:
+    merges(2, getattr(torch, dtype))
+after_two = compiled()
+merges(3, torch.bfloat16)
+json.dump([after_two, compiled()], sys.stdout)
+"""
+
+
+def test_warm_up_compiles_the_loops_a_merge_then_loads(tmp_path):
+    """A worker image runs `python -m merge_ops.warm` at build time: afterwards a merge of as many
+    experts (bf16, float32, float16) compiles nothing; one of more experts still compiles its loop."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    warm = subprocess.run([sys.executable, "-m", "merge_ops.warm", "--max-experts", "2"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert int(re.search(r"(\d+) loop signatures compiled", warm.stdout)[1]) > 0, warm.stdout  # a fresh cache
+    got = subprocess.run([sys.executable, "-c", _MERGES_AFTER_WARM_UP, "bfloat16", "float32", "float16"], env=env,
+                         capture_output=True, text=True, check=True)
+    after_two, after_three = json.loads(got.stdout)
+    assert after_two == dict.fromkeys(after_two, 0), after_two
+    assert after_three["elect_mean"] == 1 and after_three["drop_"] == 0, after_three
+    bad = subprocess.run([sys.executable, "-m", "merge_ops.warm", "--max-experts", "1"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--max-experts must be at least 2" in bad.stderr
 
 
 # ---------------------------------------------------------------- registry and errors
