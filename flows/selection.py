@@ -180,16 +180,16 @@ def _scan(scans: dict[str, ExpertScan], prefix: str) -> ExpertScan:
     return scans[prefix]
 
 
+def _normalized(uri: str | None) -> str | None:
+    try:
+        return normalize(uri) if uri else None
+    except CheckpointError:  # reported where the URI is used
+        return None
+
+
 def _own_uris(recipe: Recipe) -> set[str]:
     """The recipe's base and output: never selected as its experts (its own output would feed itself)."""
-    own = set()
-    for u in (recipe.base, recipe.output):
-        if u:
-            try:
-                own.add(normalize(u))
-            except CheckpointError:
-                pass
-    return own
+    return {u for u in (_normalized(recipe.base), _normalized(recipe.output)) if u}
 
 
 def select_experts(recipe: Recipe, scans: dict[str, ExpertScan] | None = None) -> list[LandedExpert]:
@@ -281,7 +281,43 @@ def load_recipes(spec: str | list[str] | None) -> tuple[list[Recipe], list[str]]
             else:
                 names[recipe.name] = source
                 recipes.append(recipe)
-    return recipes, errors
+    cyclic = _in_cycles(recipes)
+    errors += [f"{r.source}: in the recipes {cyclic[r.name]}, each merges the output of the one before it, so "
+               "each publish would start the next merge, for ever; not scheduled (publish one of them outside "
+               "the others' selection, or narrow their models_from)" for r in recipes if r.name in cyclic]
+    return [r for r in recipes if r.name not in cyclic], errors
+
+
+def _feeds(producer: Recipe, consumer: Recipe) -> bool:
+    """Whether the producer's output is among what the consumer merges: its base, a listed expert,
+    or a folder its models_from selects (by prefix and pattern: mergeline's markers carry no tags)."""
+    out = _normalized(producer.output)
+    if not out or producer is consumer:  # a recipe never selects its own output
+        return False
+    if out in {_normalized(u) for u in [*consumer.inputs, consumer.base]}:
+        return True
+    sel = consumer.models_from
+    parent, _, name = out.rpartition("/")
+    return bool(sel) and not sel["tags"] and parent == _normalized(sel["uri"]) and fnmatch.fnmatchcase(
+        name, sel["pattern"])
+
+
+def _in_cycles(recipes: list[Recipe]) -> dict[str, str]:
+    """Recipe name -> the cycle it is on ("a -> b -> a"), for recipes that merge, through one
+    another's outputs, their own: the watcher would merge them in turn without end."""
+    feeds = {r.name: [c.name for c in recipes if _feeds(r, c)] for r in recipes}
+    cycles = {}
+    for start in feeds:
+        paths, seen = [[start]], {start}
+        while paths and start not in cycles:
+            path = paths.pop(0)
+            for nxt in feeds[path[-1]]:
+                if nxt == start:
+                    cycles[start] = " -> ".join([*path, start])
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    paths.append([*path, nxt])
+    return cycles
 
 
 def watched_prefixes(experts: str | list[str] | None, recipes: list[Recipe]) -> list[str]:

@@ -159,6 +159,27 @@ def test_load_recipes_reports_bad_ones_and_keeps_the_rest(tmp_path):
     assert any("nope" in e for e in errors) and any("missing.yaml" in e for e in errors)
 
 
+def test_recipes_that_merge_each_others_outputs_are_not_scheduled(tmp_path):
+    """a publishes where b selects, b where c selects, c where a selects: the watcher would merge
+    them in turn for ever. They are reported and left out; a recipe that only reads the cycle's
+    output (d), or selects by tags (which mergeline's markers never carry), still runs."""
+    exp = "s3://b/experts"
+    r = tmp_path / "r"
+    write(r / "a.yaml", f"merge_method: linear\nmodels_from: {{uri: {exp}, pattern: 'b-*'}}\noutput: {exp}/a-soup\n")
+    write(r / "b.yaml", f"merge_method: linear\nmodels: [{exp}/a-soup, {exp}/math]\noutput: s3://b/out/c\n")
+    write(r / "c.yaml", f"merge_method: task_arithmetic\nbase_model: s3://b/out/c\nmodels: [{exp}/x, {exp}/y]\n"
+                        f"output: {exp}/b-soup\n")
+    write(r / "d.yaml", f"merge_method: linear\nmodels_from: {exp}/\noutput: s3://b/out/d\n")
+    write(r / "e.yaml", f"merge_method: linear\nmodels_from: {{uri: {exp}, tags: [math]}}\noutput: {exp}/e-soup\n")
+    write(r / "f.yaml", f"merge_method: linear\nmodels_from: {{uri: {exp}, pattern: 'e-*'}}\noutput: {exp}/f-soup\n")
+    recipes, errors = load_recipes(str(r))
+    assert [x.name for x in recipes] == ["d", "e", "f"]   # e is not fed by f: its selection needs a tag
+    assert len(errors) == 3, errors
+    for name in "abc":
+        [err] = [e for e in errors if e.startswith(str(r / f"{name}.yaml"))]
+        assert "for ever; not scheduled" in err and f"{name} -> " in err and err.count(" -> ") == 3, err
+
+
 # -- the watcher on S3 ------------------------------------------------------------------------------
 
 
