@@ -199,11 +199,12 @@ def select_experts(recipe: Recipe, scans: dict[str, ExpertScan] | None = None) -
         raise SelectionError(f"{recipe.source}: recipe has no models_from")
     scan = _scan(scans if scans is not None else {}, sel["uri"])
     own = _own_uris(recipe)
-    return [
-        e for name, e in sorted(scan.complete.items())
-        if fnmatch.fnmatchcase(name, sel.get("pattern", "*")) and set(sel.get("tags", ())) <= set(e.tags)
-        and e.uri not in own
-    ]
+    return [e for name, e in sorted(scan.complete.items()) if _selects(sel, name, e.tags) and e.uri not in own]
+
+
+def _selects(sel: dict, name: str, tags: tuple[str, ...]) -> bool:
+    """Whether a models_from selection takes the expert folder `name` whose marker carries `tags`."""
+    return fnmatch.fnmatchcase(name, sel.get("pattern", "*")) and set(sel.get("tags", ())) <= set(tags)
 
 
 def resolve_recipe(recipe: Recipe, scans: dict[str, ExpertScan] | None = None) -> Recipe:
@@ -298,8 +299,7 @@ def _feeds(producer: Recipe, consumer: Recipe) -> bool:
         return True
     sel = consumer.models_from
     parent, _, name = out.rpartition("/")
-    return bool(sel) and not sel["tags"] and parent == _normalized(sel["uri"]) and fnmatch.fnmatchcase(
-        name, sel["pattern"])
+    return bool(sel) and parent == _normalized(sel["uri"]) and _selects(sel, name, ())
 
 
 def _in_cycles(recipes: list[Recipe]) -> dict[str, str]:

@@ -43,6 +43,7 @@ def warm_up(max_experts: int = 8, dtypes=DTYPES) -> dict[str, int]:
             merge_tensors("dare_ties", experts, base, name="warm", density=0.5)
         # one magnitude everywhere: a bracket of one value, which TIES counts (count_above_and_at)
         merge_tensors("ties", [base + 2 ** -6, base - 2 ** -6], base, name="warm", density=0.2)
+    # drop_ works on float32 deltas whatever the experts' dtype: one merge compiles it
     merge_tensors("dare_linear", experts, base, name="warm", density=0.5, rescale="l1")
     return {name: _misses(getattr(fused, name)) - before[name] for name in LOOPS}
 
