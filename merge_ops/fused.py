@@ -4,7 +4,10 @@ boolean steps torch's CPU kernels do slowly.
 
 Each function does, element by element, exactly the float32 operations of the torch code it
 stands in for, in the same order (no fused multiply-adds, no reassociation: numba compiles without
-fastmath), so a CPU merge and an accelerator merge give the same bits; tests check it. Compiled
+fastmath), so a CPU merge and an accelerator merge give the same bits; tests check it. The one
+exception is DARE's L1 norms, float64 sums whose order torch does not fix either (it depends on
+the device and the CPU's vector width); the rescale is their ratio rounded to float32, so the
+two paths differ only where that ratio lies within a float64 rounding of a float32 boundary. Compiled
 once per machine and cached beside this file (numba's `cache=True`); `nogil`, so units merging in
 threads use every core. Imported on first use: importing numba costs about 0.2 s.
 """
@@ -109,11 +112,43 @@ def elect_mean(experts, position, base, below, drops, keys, thresholds, scales, 
 
 @njit(**_JIT)
 def drop_(d, k1, k2, start, threshold, scale):
-    """DARE on one expert's chunk of float32 deltas, in place (dare_linear, and DARE's L1
-    pre-pass): d[j] times 1.0 where the draw for position start + j is below threshold, else 0.0,
+    """DARE on one expert's chunk of float32 deltas, in place (dare_linear's merge): d[j] times 1.0 where the draw for position start + j is below threshold, else 0.0,
     then times scale."""
     for j in range(d.size):
         d[j] = d[j] * (_ONE if _draw(start + j, k1, k2) < threshold else _ZERO) * scale
+
+
+@njit(fastmath={"reassoc"}, **_JIT)
+def _sum64(a, k):
+    """a[0:k] (float32) added up in float64, in the order LLVM vectorises the loop to for this
+    CPU: the only reassociation in this module, as torch's own float64 sum reassociates too."""
+    total = 0.0
+    for j in range(k):
+        total += a[j]
+    return total
+
+
+@njit(**_JIT)
+def l1_sums(expert, base, start, drops, k1, k2, threshold):
+    """DARE's L1 pre-pass over one chunk of one expert (see `load`; base: float32), the elements
+    from position `start` on: (the sum of |d|, the sum of |d| over the entries the drop keeps),
+    both in float64, d = expert - base; without drops, the two are the same."""
+    mags, kept = np.empty(_BLOCK, np.float32), np.empty(_BLOCK, np.float32)
+    before = after = 0.0
+    for j0 in range(0, base.size, _BLOCK):
+        k = min(_BLOCK, base.size - j0)
+        e, b = expert[j0:j0 + k], base[j0:j0 + k]
+        for j in range(k):
+            mags[j] = abs(load(e, j) - b[j])
+        block = _sum64(mags, k)
+        before += block
+        if drops:
+            for j in range(k):
+                kept[j] = mags[j] * (_ONE if _draw(start + j0 + j, k1, k2) < threshold else _ZERO)
+            after += _sum64(kept, k)
+        else:
+            after += block
+    return before, after
 
 
 @njit(**_JIT)

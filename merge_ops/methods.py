@@ -387,11 +387,20 @@ class _Dare:
         prep = _Scratch(base.device)
         before, after = [0.0] * len(self.experts), [0.0] * len(self.experts)
         for start, stop, b in _base_blocks(base, prep):
-            d, mag = prep("d", stop - start), prep("mag", stop - start)
             for i, e in enumerate(self.experts):
-                _sub_into(d, e[start:stop], b)
-                before[i] += float(torch.abs(d, out=mag).sum(dtype=torch.float64))
-                after[i] += float(self.drop_(mag, i, start, stop, 1.0).sum(dtype=torch.float64))
+                if self.fused is not None:  # one compiled pass: |d|, the drop and both sums
+                    mask = self.masks[i]
+                    k1, k2 = mask.keys
+                    bf, af = self.fused.l1_sums(_arrays([e[start:stop]], prep)[0], b.numpy(), start,
+                                                not mask.drops_nothing, np.uint64(k1), np.uint64(k2),
+                                                np.uint64(mask.threshold))
+                else:
+                    d, mag = prep("d", stop - start), prep("mag", stop - start)
+                    _sub_into(d, e[start:stop], b)
+                    bf = float(torch.abs(d, out=mag).sum(dtype=torch.float64))
+                    af = float(self.drop_(mag, i, start, stop, 1.0).sum(dtype=torch.float64))
+                before[i] += bf
+                after[i] += af
         return [bf / af if af > 0 else 0.0 for bf, af in zip(before, after, strict=True)]
 
     def drop_(self, d: torch.Tensor, i: int, start: int, stop: int, scale: float) -> torch.Tensor:

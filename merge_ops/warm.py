@@ -22,7 +22,6 @@ from .topk import _SMALL
 # Expert dtypes with a loop of their own: bfloat16 is read as its uint16 bits, float32 as it is;
 # float16 and mixed dtypes are copied to float32 (methods._arrays), so they share float32's.
 DTYPES = (torch.bfloat16, torch.float32)
-LOOPS = ("elect_mean", "bracket_feed", "count_above_and_at", "drop_")
 
 
 def warm_up(max_experts: int = 8, dtypes=DTYPES) -> dict[str, int]:
@@ -30,9 +29,8 @@ def warm_up(max_experts: int = 8, dtypes=DTYPES) -> dict[str, int]:
     experts of each dtype; returns how many signatures each loop compiled (0: all from cache)."""
     if max_experts < 2:
         raise ValueError(f"max_experts must be at least 2, got {max_experts}")
-    from . import fused
-
-    before = {name: _misses(getattr(fused, name)) for name in LOOPS}
+    loops = compiled_loops()
+    before = {name: _misses(loop) for name, loop in loops.items()}
     n = _SMALL + 1  # above _SMALL, TIES finds its thresholds with the bracket pass
     g = torch.Generator().manual_seed(0)
     for dtype in dtypes:
@@ -40,12 +38,21 @@ def warm_up(max_experts: int = 8, dtypes=DTYPES) -> dict[str, int]:
         for count in range(2, max_experts + 1):
             experts = [(base.float() + torch.randn(n, generator=g) * 0.001).to(dtype) for _ in range(count)]
             merge_tensors("ties", experts, base, name="warm", density=0.2)
-            merge_tensors("dare_ties", experts, base, name="warm", density=0.5)
+            merge_tensors("dare_ties", experts, base, name="warm", density=0.5, rescale="l1")  # and the L1 pre-pass
         # one magnitude everywhere: a bracket of one value, which TIES counts (count_above_and_at)
         merge_tensors("ties", [base + 2 ** -6, base - 2 ** -6], base, name="warm", density=0.2)
     # drop_ works on float32 deltas whatever the experts' dtype: one merge compiles it
     merge_tensors("dare_linear", experts, base, name="warm", density=0.5, rescale="l1")
-    return {name: _misses(getattr(fused, name)) - before[name] for name in LOOPS}
+    return {name: _misses(loop) - before[name] for name, loop in loops.items()}
+
+
+def compiled_loops() -> dict:
+    """Every numba function of merge_ops.fused, by name: a loop added there is warmed and counted."""
+    from numba.core.dispatcher import Dispatcher
+
+    from . import fused
+
+    return {name: obj for name, obj in vars(fused).items() if isinstance(obj, Dispatcher)}
 
 
 def _misses(dispatcher) -> int:
