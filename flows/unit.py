@@ -26,6 +26,7 @@ from merge_ops import (
     kept_bytes,
     merge_stream,
     merge_tensors,
+    output_bytes,
     scratch_bytes,
     stream_passes,
     window_rows,
@@ -116,7 +117,7 @@ def tensor_steps(job: UnitJob) -> list[TensorStep]:
         per_input = sum(c.tensors[name].torch_dtype.itemsize for c in job.sources)  # bytes per element
         numel = math.prod(shape)
         inputs = numel * per_input
-        whole = inputs + numel * out_dtype.itemsize + kept_bytes(
+        whole = inputs + output_bytes(shape, out_dtype, job.device) + kept_bytes(
             job.method, job.parameters, len(job.experts), numel, job.device)
         if shape and whole > share:  # two windows of each input (one read ahead) and one of the output
             windowed = 2 * per_input + out_dtype.itemsize
@@ -152,8 +153,9 @@ def share_budget(jobs: list[UnitJob]) -> list[UnitJob]:
 
 def unit_bytes(job: UnitJob, steps: list[TensorStep] | None = None) -> int:
     """Memory a unit holds at its peak: a tensor's merge (TensorStep.held) and the next tensor's
-    inputs read ahead, plus the merge's chunk buffers (merge_ops.scratch_bytes). The writer
-    streams the merged tensor as it is, adding none. `steps`: tensor_steps(job), if already made."""
+    inputs read ahead, plus the merge's chunk buffers (merge_ops.scratch_bytes). On the CPU the
+    merged rows go to the shard writer a block at a time (merge_ops.output_bytes), so a whole
+    tensor's output is never held. `steps`: tensor_steps(job), if already made."""
     steps = tensor_steps(job) if steps is None else steps
     ahead = [nxt.inputs if nxt.read_ahead else 0 for nxt in steps[1:]] + [0]
     scratch = scratch_bytes(len(job.experts), job.device, streamed=any(s.window for s in steps))

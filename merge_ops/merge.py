@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from .methods import DEFAULT_CHUNK, GPU_CHUNK, default_chunk  # importing method
 from .registry import get_method, resolve_params
 from .stream import RowStream, all_finite
 
-__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "default_chunk", "merge_stream", "merge_tensors"]
+__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "default_chunk", "merge_stream", "merge_tensors", "output_bytes"]
 
 
 def merge_tensors(
@@ -46,8 +47,7 @@ def merge_tensors(
     step = n if chunk_size is None else default_chunk(reference.device) if chunk_size == "auto" else chunk_size
     step = max(step, 1)
     if write is not None and len(shape) > 0 and n > 0:
-        row = n // shape[0]
-        block = torch.empty(min(max(1, _BLOCK_ELEMENTS // row), shape[0]) * row, dtype=dtype, device=reference.device)
+        block = torch.empty(_write_block_elements(shape), dtype=dtype, device=reference.device)
         _write_blocks(kernel, n, step, shape, block, write)
         return None
     out = torch.empty(n, dtype=dtype, device=reference.device)
@@ -61,6 +61,24 @@ def merge_tensors(
 
 
 _BLOCK_ELEMENTS = 1 << 21  # merge_tensors(write=): rows per block, about 4 MiB of bfloat16
+
+
+def _write_block_elements(shape) -> int:
+    """Elements of merge_tensors(write=)'s output block: whole rows, about _BLOCK_ELEMENTS (at
+    least one row); all of a 0-d or empty tensor, which is made whole."""
+    n = math.prod(shape)
+    if len(shape) == 0 or n == 0:
+        return n
+    row = n // shape[0]
+    return min(max(1, _BLOCK_ELEMENTS // row), shape[0]) * row
+
+
+def output_bytes(shape, dtype: torch.dtype, device: torch.device | str) -> int:
+    """Host bytes a merge's output takes at once when its rows are written as they come
+    (merge_tensors(write=)): one block on the CPU; the whole tensor from an accelerator, whose
+    merge comes back whole."""
+    blocks = torch.device(device).type == "cpu"
+    return (_write_block_elements(shape) if blocks else math.prod(shape)) * dtype.itemsize
 
 
 def merge_stream(

@@ -632,6 +632,46 @@ def test_scratch_bytes_bounds_what_a_merge_allocates():
     assert scratch_bytes(8, "cuda") == 0
 
 
+_PEAK_WRITING_ROWS = """
+import json, os, sys, torch
+import merge_ops
+from merge_ops import kept_bytes, merge_tensors, output_bytes, scratch_bytes
+
+def rss(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+shape, k = (12000, 2048), 4  # 24.6M elements: twelve blocks of rows
+g = torch.Generator().manual_seed(0)
+base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+experts = [(base.float() + torch.randn(shape, generator=g) * 0.002).to(torch.bfloat16) for _ in range(k)]
+sink = open(os.devnull, "wb")
+out = []
+for method, p in [("task_arithmetic", {}), ("ties", {"density": 0.2}), ("dare_ties", {"density": 0.1, "rescale": "l1"})]:
+    merge_tensors(method, [e[:100] for e in experts], base[:100], name="w", write=lambda rows: None, **p)
+    before = rss("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    merge_tensors(method, experts, base, name="w", write=lambda rows: sink.write(rows.view(torch.int16).numpy()), **p)
+    bound = scratch_bytes(k, "cpu") + kept_bytes(method, p, k, base.numel(), "cpu") + output_bytes(shape, base.dtype, "cpu")
+    out.append([method, rss("VmHWM") - before, bound])
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc (Linux)")
+def test_a_merge_writing_rows_holds_one_block_of_its_output():
+    """flows/unit reserves output_bytes for a CPU merge's output, one block of rows, not the
+    tensor: measured as the rise of the peak RSS over a merge that writes its rows to a file."""
+    from merge_ops import output_bytes
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    got = subprocess.run([sys.executable, "-c", _PEAK_WRITING_ROWS], env=env, check=True, capture_output=True, text=True)
+    whole = 12000 * 2048 * 2  # the output tensor: more than any bound, so holding it would fail
+    for method, extra, bound in json.loads(got.stdout):
+        assert extra <= bound < whole, (method, extra / 2**20, bound / 2**20)
+    assert output_bytes((12000, 2048), torch.bfloat16, "cuda") == whole  # a GPU merge comes back whole
+    assert output_bytes((), torch.float32, "cpu") == 4
+
+
 def test_dare_same_bits_in_a_fresh_process(tmp_path):
     code = (
         "import torch, merge_ops;"
