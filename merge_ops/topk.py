@@ -189,10 +189,12 @@ def _kth_smallest(values: torch.Tensor, j: int) -> torch.Tensor:
 
 
 def _kth_smallest_two(values: torch.Tensor, i: int, j: int) -> tuple[float, float]:
-    """The i-th and j-th smallest (1-based) of a 1-D tensor. On CPU one np.partition for both
-    (0.7 ms on a 65536-value sample, against 1.4 for two kthvalues)."""
+    """The i-th and j-th smallest (1-based) of a 1-D tensor of non-negative float32. On CPU one
+    np.partition for both, of their bit patterns as int32, which order like the values: 0.44 ms on
+    a 65536-value sample of the benchmark's deltas, against 0.66 for the floats and 1.4 for two
+    kthvalues."""
     if values.device.type == "cpu":
-        parted = np.partition(values.numpy(), (i - 1, j - 1))
+        parted = np.partition(values.numpy().view(np.int32), (i - 1, j - 1)).view(np.float32)
         return float(parted[i - 1]), float(parted[j - 1])
     ordered = torch.sort(values).values
     return float(ordered[i - 1]), float(ordered[j - 1])
