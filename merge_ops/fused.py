@@ -7,8 +7,8 @@ stands in for, in the same order (no fused multiply-adds, no reassociation: numb
 fastmath), so a CPU merge and an accelerator merge give the same bits; tests check it. The one
 exception is DARE's L1 norms, float64 sums whose order torch does not fix either (it depends on
 the device and the CPU's vector width); the rescale is their ratio rounded to float32, so the
-two paths differ only where that ratio lies within a float64 rounding of a float32 boundary. Compiled
-once per machine and cached beside this file (numba's `cache=True`); `nogil`, so units merging in
+two paths differ only where that ratio lies within a float64 rounding of a float32 boundary.
+Compiled once per machine and cached beside this file (numba's `cache=True`); `nogil`, so units merging in
 threads use every core. Imported on first use: importing numba costs about 0.2 s.
 """
 
@@ -112,8 +112,8 @@ def elect_mean(experts, position, base, below, drops, keys, thresholds, scales, 
 
 @njit(**_JIT)
 def drop_(d, k1, k2, start, threshold, scale):
-    """DARE on one expert's chunk of float32 deltas, in place (dare_linear's merge): d[j] times 1.0 where the draw for position start + j is below threshold, else 0.0,
-    then times scale."""
+    """DARE on one expert's chunk of float32 deltas, in place (dare_linear's merge): d[j] times
+    1.0 where the draw for position start + j is below threshold, else 0.0, then times scale."""
     for j in range(d.size):
         d[j] = d[j] * (_ONE if _draw(start + j, k1, k2) < threshold else _ZERO) * scale
 
