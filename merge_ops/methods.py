@@ -389,11 +389,8 @@ class _Dare:
         for start, stop, b in _base_blocks(base, prep):
             for i, e in enumerate(self.experts):
                 if self.fused is not None:  # one compiled pass: |d|, the drop and both sums
-                    mask = self.masks[i]
-                    k1, k2 = mask.keys
                     bf, af = self.fused.l1_sums(_arrays([e[start:stop]], prep)[0], b.numpy(), start,
-                                                not mask.drops_nothing, np.uint64(k1), np.uint64(k2),
-                                                np.uint64(mask.threshold))
+                                                not self.masks[i].drops_nothing, *self._fused_draw(i))
                 else:
                     d, mag = prep("d", stop - start), prep("mag", stop - start)
                     _sub_into(d, e[start:stop], b)
@@ -410,14 +407,18 @@ class _Dare:
         if mask.drops_nothing:
             return _scale_(d, scale)
         if self.fused is not None:
-            k1, k2 = mask.keys
-            self.fused.drop_(d.numpy(), np.uint64(k1), np.uint64(k2), start, np.uint64(mask.threshold),
-                             np.float32(scale))
+            k1, k2, threshold = self._fused_draw(i)
+            self.fused.drop_(d.numpy(), k1, k2, start, threshold, np.float32(scale))
             return d
         m, buf = stop - start, self.scratch
         keep = mask.keep_into(start, stop, buf("keep", m), buf("h", m, torch.int32), buf("t", m, torch.int32),
                               buf.ramp(m))
         return _scale_(d.mul_(keep), scale)
+
+    def _fused_draw(self, i: int) -> tuple[np.uint64, np.uint64, np.uint64]:
+        """Expert i's draw keys and keep threshold, as merge_ops.fused's loops take them."""
+        mask = self.masks[i]
+        return np.uint64(mask.keys[0]), np.uint64(mask.keys[1]), np.uint64(mask.threshold)
 
     def delta_into(self, out: torch.Tensor, i: int, start: int, stop: int, b: torch.Tensor) -> torch.Tensor:
         """Expert i's dropped-and-rescaled deltas for elements [start, stop), written to out."""

@@ -469,14 +469,16 @@ def test_stream_names_the_input_and_rows_with_bad_values(wide):
         merge_streamed("task_arithmetic", [experts[0], bad], base, 50)
 
 
-_PEAK_STREAMED = """
+_RSS = """
+def rss(key):  # bytes, from /proc/self/status
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+"""
+
+_PEAK_STREAMED = _RSS + """
 import json, sys, numpy as np, torch
 from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 import merge_ops, merge_ops.kernels
-
-def rss(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
 rows, cols, k, window = 4096, 2048, 8, 64
 path = sys.argv[1]
@@ -583,14 +585,11 @@ def test_dare_draws_follow_the_formula_where_lanes_wrap(k2, start, kernel_path):
         assert mask.keep_into(start, start + m, torch.empty(m), h, t, ramp).tolist() == expected
 
 
-_PEAK_PER_MERGE = """
+_PEAK_PER_MERGE = _RSS + """
 import json, sys, torch
 from unittest import mock
 import merge_ops, merge_ops.kernels
 from merge_ops import kept_bytes, merge_tensors
-
-def rss(key):  # bytes, from /proc/self/status
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
 n, k = 1_500_000, 8
 g = torch.Generator().manual_seed(0)
@@ -632,13 +631,10 @@ def test_scratch_bytes_bounds_what_a_merge_allocates():
     assert scratch_bytes(8, "cuda") == 0
 
 
-_PEAK_WRITING_ROWS = """
+_PEAK_WRITING_ROWS = _RSS + """
 import json, os, sys, torch
 import merge_ops
 from merge_ops import kept_bytes, merge_tensors, output_bytes, scratch_bytes
-
-def rss(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
 shape, k = (12000, 2048), 4  # 24.6M elements: twelve blocks of rows
 g = torch.Generator().manual_seed(0)
