@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -34,6 +35,24 @@ def prefect_defaults() -> None:
     no telemetry from it (offline machines log an ERROR for each failed send)."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@contextlib.contextmanager
+def watched_run():
+    """Settings for a flow run this terminal waits on: no heartbeats, unless the user set their frequency.
+
+    A heartbeat only lets a Prefect automation mark a run nobody watches as crashed (`mergeline serve`
+    creates that automation for its deployments' runs). A terminal sees its own run die, and a re-run
+    resumes from the finished layers. Heartbeats cost every run up to a second at its end: the engine
+    joins their thread, which sleeps in whole seconds.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

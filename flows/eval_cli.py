@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
 
 
 def _eval(args) -> int:
+    from .cli import watched_run
     from .evaluate_flow import evaluate_flow
 
     experts = {}
@@ -43,8 +44,9 @@ def _eval(args) -> int:
         if not sep or not name or not uri:
             raise ValueError(f"--expert takes NAME=URI, got {item!r}")
         experts[name] = uri
-    summary = evaluate_flow(args.model, args.suite, catalog_path=args.catalog, base=args.base,
-                            experts=experts or None, device=args.device)
+    with watched_run():
+        summary = evaluate_flow(args.model, args.suite, catalog_path=args.catalog, base=args.base,
+                                experts=experts or None, device=args.device)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0

@@ -105,6 +105,7 @@ def _pass_source(sources) -> str:
 
 def _merge(args) -> int:
     from . import merge_flow
+    from .cli import watched_run
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, output=args.output)
@@ -118,7 +119,7 @@ def _merge(args) -> int:
 
     merge_flow.progress_listeners.append(on_unit)
     try:
-        with progress:
+        with progress, watched_run():
             summary = merge_flow.run_merge(recipe, runner=args.runner, address=args.address, workers=args.workers,
                                            catalog_path=args.catalog, trigger=args.trigger)
     finally:

@@ -31,7 +31,8 @@ SERVE_EXAMPLE = """examples:
   mergeline serve --recipes recipes/ --dry-run      # show the deployments and exit
 
 Deployments: merge (run by the watcher), watcher (every --watch-every seconds), nightly
-(--nightly-cron, UTC), evaluate (when flows/evaluate_flow.py exists)."""
+(--nightly-cron, UTC), evaluate (when flows/evaluate_flow.py exists). serve also creates the
+automation that marks a run Crashed when its heartbeats stop (flows/silent_runs.py)."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -181,10 +182,13 @@ def _serve(args) -> int:
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from .silent_runs import ensure_silent_run_automation
+
     if args.start_server:
         server, url = _start_server(args.port)
         try:
             with temporary_settings({PREFECT_API_URL: url}):
+                ensure_silent_run_automation()
                 serve(*deployments, limit=args.limit)
         finally:
             server.terminate()
@@ -199,6 +203,7 @@ def _serve(args) -> int:
             "start one with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, "
             "or pass --start-server"
         )
+    ensure_silent_run_automation()
     serve(*deployments, limit=args.limit)
     return 0
 
@@ -253,10 +258,12 @@ def _result(state):
 
 
 def _watch(args) -> int:
+    from .cli import watched_run
     from .watcher import watch_experts
 
-    summary = _result(watch_experts(recipes=args.recipes, experts=args.experts, catalog_path=args.catalog,
-                                    **_runner(args), return_state=True))
+    with watched_run():
+        summary = _result(watch_experts(recipes=args.recipes, experts=args.experts, catalog_path=args.catalog,
+                                        **_runner(args), return_state=True))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -272,10 +279,12 @@ def _watch(args) -> int:
 
 
 def _nightly(args) -> int:
+    from .cli import watched_run
     from .nightly import nightly_merge
 
-    summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, **_runner(args),
-                                    return_state=True))
+    with watched_run():
+        summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, **_runner(args),
+                                        return_state=True))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0

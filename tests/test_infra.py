@@ -54,6 +54,9 @@ def check_command(argv: list[str], where: str) -> None:
         assert commands, f"{script} runs nothing"
         for line in commands:
             check_command(shlex.split(line), f"{script.name}")
+    elif exe == "python" and args[:1] == ["-m"]:
+        spec = importlib.util.find_spec(args[1])
+        assert spec and "__main__" in Path(spec.origin).read_text(), f"{where}: `{shlex.join(argv)}` runs nothing"
     else:
         raise AssertionError(f"{where}: unexpected executable {exe!r}")
 

@@ -246,6 +246,41 @@ def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
     assert_same(after, expected_merge(zoo, MERGEKIT_TIES))
 
 
+def _flow_run_events(flow_run_id: str, name: str, timeout: float) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    flt = EventFilter(event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=flt, limit=10).events
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def test_a_merge_from_the_terminal_sends_no_heartbeats_unless_the_user_asks(prefect_api, zoo, tmp_path):
+    """Heartbeats only let an automation crash a run nobody watches; a terminal's run does without them
+    (they cost up to a second at its end), and a frequency the user set is kept."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    base, experts = zoo
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    catalog = Catalog(str(tmp_path / "c.duckdb"))
+
+    def merge(out: str) -> str:
+        assert cli(["merge", str(recipe), "--output", str(tmp_path / out), "--catalog", str(catalog.path)]) == 0
+        return next(r["flow_run_id"] for r in catalog.runs() if r["output_uri"] == str(tmp_path / out))
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+        asked = merge("asked")
+    plain = merge("plain")
+    assert _flow_run_events(asked, "prefect.flow-run.heartbeat", timeout=30)
+    assert _flow_run_events(plain, "prefect.flow-run.Completed", timeout=30)   # its events have arrived
+    assert _flow_run_events(plain, "prefect.flow-run.heartbeat", timeout=0) == []
+
+
 def test_local_inputs_mapped_into_memory_merge_to_the_same_bits(prefect_api, zoo, tmp_path, monkeypatch):
     """Every local tensor mapped (storage maps only those of 1 MiB and more; the zoo's are smaller):
     the merge reads the files' own pages and gives the bits merge_ops gives on loaded tensors."""
