@@ -24,7 +24,7 @@ from rich.table import Table
 import storage
 from storage import s3
 
-from .cli import prefect_defaults
+from .cli import prefect_defaults, watched_run
 
 METHOD_PARAMETERS = {  # the demo's settings; see docs/methods.md for what each means
     "linear": {},
@@ -124,7 +124,8 @@ def run_demo(work: Path, bucket: str, methods: list[str], sizes: list[int], cons
             }
             text = yaml.safe_dump(recipe, sort_keys=False)
             t0 = time.perf_counter()
-            summary = run_merge(parse_recipe(text, source=f"{name}.yaml"), catalog_path=catalog)
+            with watched_run():
+                summary = run_merge(parse_recipe(text, source=f"{name}.yaml"), catalog_path=catalog)
             ev = summary["evaluation"]
             results[(method, n)] = ev
             console.print(f"{name:>20}: held-in {_fmt(ev['held_in'])}, held-out {_fmt(ev['held_out'])} "
