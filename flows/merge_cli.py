@@ -128,6 +128,10 @@ def _merge(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"published {summary['output']} ({summary['units']} units, {len(summary['cached'])} from cache)")
+        if summary.get("read_cache"):
+            c = summary["read_cache"]
+            print(f"read cache: {c['hits']} ranges ({_mb(c['bytes_from_cache'])} MB) from the cache, "
+                  f"{c['misses']} ({_mb(c['bytes_downloaded'])} MB) downloaded, {c['evictions']} evicted")
         print(f"model id {summary['model_id']}, run {summary['run_id']}; "
               f"try: mergeline catalog lineage {summary['model_id']}")
     return 0

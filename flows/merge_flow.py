@@ -121,6 +121,7 @@ def merge_flow(
         "run_id": run_id, "model_id": model_id, "output": published.uri, "identity": published.identity,
         "units": len(plan.units), "cached": sorted(cached),
         "computed": sorted(r["unit"] for r in results if r["unit"] not in cached), "timings": timings,
+        "read_cache": _read_cache_counts(plan, results, cached),
     }
     if recipe.evaluate:
         from .evaluate_flow import evaluate_flow
@@ -179,6 +180,20 @@ def _restage(result: dict, plan: Plan, staging: str) -> bool:
         return False
     copy_file(join(plan.output, result["filename"]), result["uri"])
     return True
+
+
+def _read_cache_counts(plan: Plan, results: list[dict], cached: set[str]) -> dict[str, int] | None:
+    """What the layer units merged in this run read through the read cache (MERGELINE_CACHE_DIR),
+    summed; None without one. Units taken from Prefect's cache read nothing; only S3 inputs go
+    through it."""
+    if all(c.cache is None for c in [*plan.experts, *([plan.base] if plan.base else [])]):
+        return None
+    total = dict.fromkeys(("hits", "misses", "bytes_downloaded", "bytes_from_cache", "evictions"), 0)
+    for r in results:
+        if r["unit"] not in cached and r.get("read_cache"):
+            for k in total:
+                total[k] += r["read_cache"][k]
+    return total
 
 
 def _shard_info(r: dict) -> storage.ShardInfo:

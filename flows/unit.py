@@ -32,6 +32,7 @@ from merge_ops import (
     window_rows,
 )
 from storage import Checkpoint, ShardWriter, read_many
+from storage.cache import Tally
 from storage.reader import io_pool, io_threads
 from storage.uri import is_s3
 from storage.version import code_version
@@ -169,6 +170,7 @@ def run_unit(job: UnitJob) -> dict:
     `merge_threads()` intra-op threads for its CPU merges.
     """
     steps = tensor_steps(job)
+    job, tally = _tallied(job)
     sources = job.sources
     with _budget.reserve(unit_bytes(job, steps)), \
             ShardWriter(job.staging, job.unit.shard, list(job.specs)) as writer, \
@@ -194,7 +196,19 @@ def run_unit(job: UnitJob) -> dict:
     _return_freed_memory()
     info = writer.result
     return {"filename": info.filename, "uri": info.uri, "size": info.size, "sha256": info.sha256,
-            "tensors": list(info.tensors), "unit": job.unit.name}
+            "tensors": list(info.tensors), "unit": job.unit.name,
+            "read_cache": tally.stats.as_dict() if tally else None}
+
+
+def _tallied(job: UnitJob) -> tuple[UnitJob, Tally | None]:
+    """The job reading through a Tally of its inputs' read cache, if they have one: what this unit
+    read through the cache, counted apart from the units merging beside it (and on any machine)."""
+    cache = next((c.cache for c in job.sources if c.cache is not None), None)
+    if cache is None:
+        return job, None
+    tally = cache.tally()
+    return dataclasses.replace(job, experts=tuple(c.reading_through(tally) for c in job.experts),
+                               base=job.base.reading_through(tally) if job.base else None), tally
 
 
 def _return_freed_memory() -> None:

@@ -40,6 +40,11 @@ class CacheStats:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    def as_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "bytes_downloaded": self.bytes_downloaded,
+                    "bytes_from_cache": self.bytes_from_cache, "evictions": self.evictions}
+
 
 class ReadCache:
     """Bounded on-disk cache of byte ranges; thread- and process-safe."""
@@ -84,8 +89,9 @@ class ReadCache:
         self.stats.add(hits=1, bytes_from_cache=len(out))
         return True
 
-    def put(self, ident: FileIdentity, start: int, data: memoryview) -> None:
-        """Store a range just downloaded (temp file + rename: readers never see a partial entry)."""
+    def put(self, ident: FileIdentity, start: int, data: memoryview) -> int:
+        """Store a range just downloaded (temp file + rename: readers never see a partial entry);
+        returns how many entries were evicted to make room."""
         path = self._path(ident, start, start + len(data))
         path.parent.mkdir(exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
@@ -95,15 +101,19 @@ class ReadCache:
             os.replace(tmp, path)
         except OSError:
             with_missing_ok(tmp)
-            return  # a full disk makes the cache useless, not the read wrong
+            return 0  # a full disk makes the cache useless, not the read wrong
         with self._lock:
             self._size += len(data)
             over = self._size > self.max_bytes
-        if over:
-            self.evict()
+        return self.evict() if over else 0
 
     def record_miss(self, nbytes: int) -> None:
         self.stats.add(misses=1, bytes_downloaded=nbytes)
+
+    def tally(self) -> Tally:
+        """This cache, with a count of its own: what one merge task read through it. The cache's
+        stats are the process's, which tasks running side by side share."""
+        return Tally(self)
 
     def _scan(self) -> tuple[int, list[tuple[float, int, Path]]]:
         total, entries, now = 0, [], time.time()
@@ -123,8 +133,8 @@ class ReadCache:
                 entries.append((st.st_mtime, st.st_size, p))
         return total, entries
 
-    def evict(self) -> None:
-        """Drop least-recently-used entries until the cache is at 90% of its bound."""
+    def evict(self) -> int:
+        """Drop least-recently-used entries until the cache is at 90% of its bound; how many."""
         with self._lock:
             total, entries = self._scan()
             entries.sort()
@@ -138,9 +148,32 @@ class ReadCache:
                 removed += 1
             self._size = total
         self.stats.add(evictions=removed)
+        return removed
 
     def size_bytes(self) -> int:
         return self._scan()[0]
+
+
+class Tally:
+    """A ReadCache's reads (see ReadCache.tally), counted in `stats` as well as in the cache's."""
+
+    def __init__(self, cache: ReadCache):
+        self.cache, self.stats = cache, CacheStats()
+
+    def get_into(self, ident: FileIdentity, start: int, out: memoryview) -> bool:
+        hit = self.cache.get_into(ident, start, out)
+        if hit:
+            self.stats.add(hits=1, bytes_from_cache=len(out))
+        return hit
+
+    def record_miss(self, nbytes: int) -> None:
+        self.cache.record_miss(nbytes)
+        self.stats.add(misses=1, bytes_downloaded=nbytes)
+
+    def put(self, ident: FileIdentity, start: int, data: memoryview) -> int:
+        evicted = self.cache.put(ident, start, data)
+        self.stats.add(evictions=evicted)
+        return evicted
 
 
 def shared_cache(directory: str | Path, max_bytes: int) -> ReadCache:

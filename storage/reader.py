@@ -8,6 +8,7 @@ exactly the bytes that were validated.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from storage import s3
-from storage.cache import ReadCache
+from storage.cache import ReadCache, Tally
 from storage.errors import CheckpointError
 from storage.headers import TensorInfo, header_length, parse_header
 from storage.uri import (
@@ -65,7 +66,7 @@ def io_pool(size: int) -> ThreadPoolExecutor:
         return _pools[key]
 
 
-def fetch(ident: FileIdentity, start: int, end: int, cache: ReadCache | None,
+def fetch(ident: FileIdentity, start: int, end: int, cache: ReadCache | Tally | None,
           out: torch.Tensor | None = None) -> torch.Tensor:
     """Bytes [start, end) of a file as a uint8 tensor, read straight into its memory (`out`'s,
     if given: a contiguous CPU tensor of exactly that many bytes).
@@ -126,7 +127,7 @@ class Checkpoint:
     """An opened, validated checkpoint: tensor locations and file identities, no tensor data."""
 
     def __init__(self, uri: str, config: dict, tensors: dict[str, TensorInfo], files: dict[str, FileIdentity],
-                 listing: dict[str, FileIdentity], cache: ReadCache | None):
+                 listing: dict[str, FileIdentity], cache: ReadCache | Tally | None):
         self.uri = uri
         self.config = config
         self.model_type: str | None = config.get("model_type")
@@ -142,6 +143,12 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.uri!r}, {len(self.tensors)} tensors, {len(self.files)} files)"
+
+    def reading_through(self, cache: ReadCache | Tally | None) -> Checkpoint:
+        """The same checkpoint, its reads going through `cache` (e.g. a task's Tally of its cache)."""
+        other = copy.copy(self)
+        other.cache = cache
+        return other
 
     def read_tensor(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None
                     ) -> torch.Tensor:

@@ -207,16 +207,26 @@ def test_read_cache_downloads_each_range_of_an_s3_input_once(
         return read_into(ident, start, out)
 
     monkeypatch.setattr(storage.reader, "read_into", counted)
+    read = {}  # the summary's read_cache counts of each run
     for run in ("first", "second"):
         downloads.clear()
         out = f"s3://{bucket}/merged/cached-{run}"
-        assert cli(["merge", str(recipe), "--output", out, "--catalog", str(tmp_path / "c.duckdb")]) == 0
+        assert cli(["merge", str(recipe), "--output", out, "--catalog", str(tmp_path / "c.duckdb"), "--json"]) == 0
+        read[run] = json.loads(capsys.readouterr().out)["read_cache"]
         got, _ = load_output(out, tmp_path / run, s3_env)
         assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
         if run == "first":
             assert len(downloads) > 4 * len(got) and len(set(downloads)) == len(downloads)
+            tensors = [d for d in downloads if d[0].endswith(".safetensors")]  # not the configs publish copies
+            assert read[run]["misses"] == len(tensors)
+            assert read[run]["bytes_downloaded"] == sum(end - start for _, start, end in tensors)
+            assert read[run]["hits"] > 0      # the streamed embeddings' second and third passes
         else:
             assert downloads == []
+            assert read[run]["misses"] == read[run]["bytes_downloaded"] == 0
+    # the second run read through the cache every byte the first one read, downloaded or not
+    first = read["first"]
+    assert read["second"]["bytes_from_cache"] == first["bytes_downloaded"] + first["bytes_from_cache"]
 
 
 def progress_shown(output: str) -> float:
