@@ -188,11 +188,11 @@ def _read_cache_counts(plan: Plan, results: list[dict], cached: set[str]) -> dic
     through it."""
     if all(c.cache is None for c in [*plan.experts, *([plan.base] if plan.base else [])]):
         return None
-    total = dict.fromkeys(("hits", "misses", "bytes_downloaded", "bytes_from_cache", "evictions"), 0)
+    total = storage.CacheStats().as_dict()
     for r in results:
         if r["unit"] not in cached and r.get("read_cache"):
-            for k in total:
-                total[k] += r["read_cache"][k]
+            for k, v in r["read_cache"].items():
+                total[k] += v
     return total
 
 

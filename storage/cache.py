@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from storage.uri import FileIdentity
@@ -42,8 +42,7 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "bytes_downloaded": self.bytes_downloaded,
-                    "bytes_from_cache": self.bytes_from_cache, "evictions": self.evictions}
+            return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 class ReadCache:
