@@ -184,9 +184,9 @@ def _restage(result: dict, plan: Plan, staging: str) -> bool:
 
 def _read_cache_counts(plan: Plan, results: list[dict], cached: set[str]) -> dict[str, int] | None:
     """What the layer units merged in this run read through the read cache (MERGELINE_CACHE_DIR),
-    summed; None without one. Units taken from Prefect's cache read nothing; only S3 inputs go
-    through it."""
-    if all(c.cache is None for c in [*plan.experts, *([plan.base] if plan.base else [])]):
+    summed; None without one (the plan opens every input with the same cache). Units taken from
+    Prefect's cache read nothing; only S3 inputs go through it."""
+    if plan.reference.cache is None:
         return None
     total = storage.CacheStats().as_dict()
     for r in results:

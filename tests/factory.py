@@ -3,6 +3,7 @@ name only (the base plus small noise, like a real fine-tune's deltas)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import boto3
@@ -50,3 +51,19 @@ def download_dir(uri: str, local: Path, endpoint: str) -> Path:
         for obj in page.get("Contents", []):
             s3.download_file(bucket, obj["Key"], str(local / obj["Key"].rsplit("/", 1)[-1]))
     return local
+
+
+def read_events(name: str, resource_id: str, timeout: float) -> list:
+    """The Prefect API's events of this name about this resource, polled until one has arrived or
+    `timeout` seconds have passed (events reach the server a little after they are emitted)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    flt = EventFilter(event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]))
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            events = client.read_events(filter=flt, limit=50).events
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)

@@ -21,7 +21,7 @@ from flows.merge_flow import run_merge
 from flows.recipe import load_recipe, parse_recipe
 from merge_ops import merge_tensors
 from storage.catalog import Catalog
-from tests.factory import download_dir, tiny_llama_zoo, upload_dir
+from tests.factory import download_dir, read_events, tiny_llama_zoo, upload_dir
 
 MERGEKIT_TIES = """\
 # a mergekit config, unchanged
@@ -256,20 +256,6 @@ def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
     assert_same(after, expected_merge(zoo, MERGEKIT_TIES))
 
 
-def _flow_run_events(flow_run_id: str, name: str, timeout: float) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-    flt = EventFilter(event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"]))
-    deadline = time.monotonic() + timeout
-    while True:
-        with get_client(sync_client=True) as client:
-            events = client.read_events(filter=flt, limit=10).events
-        if events or time.monotonic() > deadline:
-            return events
-        time.sleep(0.5)
-
-
 def test_a_merge_from_the_terminal_sends_no_heartbeats_unless_the_user_asks(prefect_api, zoo, tmp_path):
     """Heartbeats only let an automation crash a run nobody watches; a terminal's run does without them
     (they cost up to a second at its end), and a frequency the user set is kept."""
@@ -286,9 +272,9 @@ def test_a_merge_from_the_terminal_sends_no_heartbeats_unless_the_user_asks(pref
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
         asked = merge("asked")
     plain = merge("plain")
-    assert _flow_run_events(asked, "prefect.flow-run.heartbeat", timeout=30)
-    assert _flow_run_events(plain, "prefect.flow-run.Completed", timeout=30)   # its events have arrived
-    assert _flow_run_events(plain, "prefect.flow-run.heartbeat", timeout=0) == []
+    assert read_events("prefect.flow-run.heartbeat", f"prefect.flow-run.{asked}", timeout=30)
+    assert read_events("prefect.flow-run.Completed", f"prefect.flow-run.{plain}", timeout=30)  # its events arrived
+    assert read_events("prefect.flow-run.heartbeat", f"prefect.flow-run.{plain}", timeout=0) == []
 
 
 def test_local_inputs_mapped_into_memory_merge_to_the_same_bits(prefect_api, zoo, tmp_path, monkeypatch):

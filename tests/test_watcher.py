@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import boto3
@@ -14,7 +13,7 @@ from flows.recipe import RecipeError, parse_recipe
 from flows.selection import SelectionError, load_recipes, resolve_recipe, scan_experts, select_experts
 from flows.watcher import LANDED_EVENT, LandingLog, watch_experts
 from storage.catalog import Catalog
-from tests.factory import tiny_llama_zoo, upload_dir
+from tests.factory import read_events, tiny_llama_zoo, upload_dir
 
 MARKER = storage.COMPLETE_MARKER
 
@@ -246,20 +245,6 @@ def test_two_step_upload_merges_once_after_the_marker_and_a_new_version_merges_a
     assert sorted(x["label"] for x in log.landings()) == ["code@v1", "math@v1", "math@v2", "soup@v1"]
 
 
-def _read_events(resource_id: str, timeout: float = 30.0) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
-
-    deadline = time.monotonic() + timeout
-    while True:
-        flt = EventFilter(event=EventNameFilter(name=[LANDED_EVENT]), resource=EventResourceFilter(id=[resource_id]))
-        with get_client(sync_client=True) as client:
-            events = client.read_events(filter=flt, limit=50).events
-        if events or time.monotonic() > deadline:
-            return events
-        time.sleep(0.5)
-
-
 def test_watcher_starts_runs_of_the_merge_deployment_once_and_emits_the_event(
         prefect_api, zoo, bucket, s3_env, tmp_path):
     from prefect.client.orchestration import get_client
@@ -295,7 +280,7 @@ def test_watcher_starts_runs_of_the_merge_deployment_once_and_emits_the_event(
     assert Catalog(catalog_path).runs() == []    # the merge itself runs wherever the deployment's worker is
 
     identity = first["landed"][0]["identity"]
-    [event] = _read_events(f"mergeline.expert.{experts}/math-1")
+    [event] = read_events(LANDED_EVENT, f"mergeline.expert.{experts}/math-1", timeout=30)
     assert event.resource["mergeline.expert.identity"] == identity
     assert event.payload["label"] == "math-1@v1"
 
