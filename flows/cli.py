@@ -48,6 +48,7 @@ def watched_run():
     """
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
+    _no_console_tracebacks_for(user_errors())
     if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
         yield
         return
@@ -55,17 +56,44 @@ def watched_run():
         yield
 
 
-def main(argv: list[str] | None = None) -> int:
-    prefect_defaults()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can fix (bad input, a refused output, an unreachable store): one line, status 2."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from storage import StorageError
 
+    return ValueError, OSError, StorageError, BotoCoreError, ClientError
+
+
+def _no_console_tracebacks_for(errors: tuple[type[BaseException], ...]) -> None:
+    """Prefect's console log prints a traceback with each failed task and flow; for a user error
+    the message is enough (the command ends with it, and the Prefect UI keeps the traceback)."""
+    import logging
+
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    ensure_logging_setup()
+    for logger in [logging.getLogger(), *map(logging.getLogger, list(logging.Logger.manager.loggerDict))]:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not hasattr(handler, "mergeline_plain_format"):
+                handler.mergeline_plain_format = handler.format
+
+                def format(record, handler=handler) -> str:  # a copy: the API handler keeps the traceback
+                    if record.exc_info and isinstance(record.exc_info[1], errors):
+                        record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+                    return handler.mergeline_plain_format(record)
+
+                handler.format = format
+
+
+def main(argv: list[str] | None = None) -> int:
+    prefect_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, OSError, StorageError, BotoCoreError, ClientError) as exc:
+    except user_errors() as exc:
         print(f"mergeline: error: {_one_line(exc)}", file=sys.stderr)
         hint = getattr(exc, "hint", None) or _hint_for(exc)
         if hint:

@@ -111,7 +111,9 @@ def merge_flow(
             dtype=str(plan.dtype).removeprefix("torch."), metadata={"recipe_digest": recipe.digest}, timings=timings,
         )
     except BaseException as exc:
-        if lock.held:  # never clean up a staging area another run owns
+        # A failure cleans up its staging area (never one another run owns); an interrupt (Ctrl-C,
+        # SIGTERM from an eviction or a cancel) keeps the finished shards for the re-run to resume.
+        if lock.held and isinstance(exc, Exception):
             storage.abort_staging(staging)
         catalog.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
         raise
@@ -150,7 +152,11 @@ def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]
     posted = time.monotonic()
     for done, fut in enumerate(as_completed(list(futures)), start=1):
         name = futures[fut]
-        results[name] = fut.result()
+        try:
+            results[name] = fut.result()
+        except BaseException:
+            _stop_siblings(futures)
+            raise
         if fut.state.name == "Cached":
             cached.add(name)
         if done == len(futures) or time.monotonic() - posted >= PROGRESS_EVERY_S:
@@ -166,9 +172,26 @@ def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]
     return [results[u.name] for u in plan.units], cached
 
 
+def _stop_siblings(futures) -> None:
+    """After one unit failed: cancel the units not started and wait for the running ones, so that
+    none writes into staging after the flow has cleaned it up and released the output's lock."""
+    for fut in futures:
+        wrapped = getattr(fut, "wrapped_future", None)  # concurrent.futures / dask: cancel if pending
+        if wrapped is not None:
+            wrapped.cancel()
+    for fut in futures:
+        try:
+            fut.wait()
+        except Exception:  # cancelled, or failed too: either way it writes nothing more
+            pass
+
+
 def _restage(result: dict, plan: Plan, staging: str) -> bool:
-    """The shard is in staging, or is copied back there from an identical published model."""
-    if storage.staged_shard(staging, result["filename"]):
+    """The shard is in staging, or is copied back there from an identical published model. Every
+    recipe with this output stages into the same folder, so a staged shard only counts if it is
+    the one this result describes (another recipe's killed run may have left its own there)."""
+    staged = storage.staged_shard(staging, result["filename"])
+    if staged and (staged.sha256, staged.size) == (result["sha256"], result["size"]):
         return True
     if not storage.is_complete(plan.output):
         return False

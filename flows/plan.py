@@ -17,6 +17,7 @@ from storage import (
     CheckpointError,
     ReadCache,
     check_compatible,
+    check_output,
     open_checkpoint,
     validate_output_uri,
 )
@@ -95,6 +96,7 @@ def make_plan(recipe: Recipe) -> Plan:
     experts = [opened[u] for u in recipe.inputs]
     try:
         notes = check_compatible(([base] if base else []) + experts)
+        check_output(output, [c.uri for c in opened.values()])
     except CheckpointError as exc:
         raise PlanError(str(exc)) from None
     reference = base or experts[0]

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from merge_ops import get_method
-from merge_ops.registry import resolve_params
+from merge_ops.registry import check_weights, resolve_params
+from storage.uri import normalize
 
 MERGEKIT_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
 MERGELINE_KEYS = {"name", "output", "seed", "device", "evaluate", "models_from"}
@@ -88,7 +89,7 @@ def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = No
         return RecipeError(f"{source}: {msg}")
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise fail(f"not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -114,8 +115,8 @@ def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = No
         raise fail(f"method '{method_name}' needs 'base_model'")
 
     models = _models(data, fail)
-    if base:
-        models = [m for m in models if m.uri != base]  # mergekit lists the base among the models; it is not an expert
+    if base and method.needs_base:  # mergekit lists the base among the models; its task vector is zero
+        models = [m for m in models if not _same_uri(m.uri, base, fail)]
     if not models and not data.get("models_from"):
         raise fail("'models' lists no experts to merge")
 
@@ -142,6 +143,27 @@ def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = No
         weights=tuple(weights), output=output or data.get("output"), out_dtype=out_dtype, seed=seed,
         device=device, evaluate=evaluate, models_from=models_from, text=text, source=source,
     )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error instead of last-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _same_uri(a: str, b: str, fail) -> bool:
+    try:
+        return normalize(a) == normalize(b)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
 
 
 def _models(data: dict, fail) -> list[ModelEntry]:
@@ -227,7 +249,7 @@ def _no_filters(params: dict, where: str, fail) -> None:
 
 def _method_parameters(method, top: dict, models: list[ModelEntry], fail) -> tuple[dict, list[float]]:
     """Top-level values are defaults for every model; per-model values override them."""
-    weights = [float(m.parameters.get("weight", top.get("weight", 1.0))) for m in models]
+    weights = [m.parameters.get("weight", top.get("weight", 1.0)) for m in models]
     per_model = {p.name for p in method.params if p.per_model}
     given: dict[str, Any] = {k: v for k, v in top.items() if k != "weight"}
     for m in models:
@@ -240,9 +262,11 @@ def _method_parameters(method, top: dict, models: list[ModelEntry], fail) -> tup
             default = top.get(key, method.defaults()[key])
             given[key] = [m.parameters.get(key, default) for m in models]
     try:
-        return resolve_params(method, given, max(1, len(models))), weights
+        params = resolve_params(method, given, max(1, len(models)))
+        check_weights(method, weights, params)
     except ValueError as exc:
         raise fail(str(exc)) from None
+    return params, [float(w) for w in weights]
 
 
 def recipe_summary(recipe: Recipe) -> dict:

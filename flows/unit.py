@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -317,10 +318,10 @@ def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu, writer:
     experts = tensors[: len(job.experts)]
     base = tensors[len(job.experts)] if job.base else None
     if job.device == "cpu":
-        with _merge_thread_count():
+        with _merge_thread_count(), _inputs_named(job):
             merge_tensors(job.method, experts, base, write=lambda rows: writer.write(name, rows), **kw)
         return
-    with _gpu_slot(job.device):  # one merge at a time per GPU: tasks sharing a worker never fight over it
+    with _gpu_slot(job.device), _inputs_named(job):  # one merge at a time per GPU: tasks sharing a worker never fight over it
         stream = torch.cuda.current_stream(job.device)
         stream.wait_event(inputs.ready)
         for t in tensors:  # made on the copy stream: not to be reused before this stream is done with them
@@ -330,6 +331,21 @@ def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu, writer:
         host.copy_(merged, non_blocking=True)
         stream.synchronize()
     writer.write(name, host)
+
+
+@contextmanager
+def _inputs_named(job: UnitJob):
+    """merge_ops knows its inputs as "expert 1" and "the base"; the user knows them by URI."""
+    try:
+        yield
+    except ValueError as exc:
+        msg = str(exc)
+        named = [f"expert {i} is {job.experts[i].uri}" for i in sorted({int(i) for i in re.findall(r"\bexpert (\d+)", msg)})
+                 if i < len(job.experts) and job.experts[i].uri not in msg]
+        named += [f"the base is {job.base.uri}"] if job.base and "the base" in msg and job.base.uri not in msg else []
+        if not named:
+            raise
+        raise ValueError(f"{msg} ({'; '.join(named)})") from exc
 
 
 def _merge_streamed(job: UnitJob, name: str, rows: int, writer: ShardWriter, read_ahead: Executor) -> None:

@@ -31,8 +31,10 @@ WEIGHTED_SUM_NORMALIZE = Param("normalize", True, "divide by the sum of the weig
 LAMBDA = Param("lambda", 1.0, "scale applied to the merged task vector")
 DENSITY_TIES = Param("density", 0.2, "fraction of each task vector kept, by magnitude", per_model=True)
 DENSITY_DARE = Param("density", 0.1, "probability that a task-vector entry survives the drop", per_model=True)
-RESCALE = Param("rescale", True, "survivor rescale: true/'density' (1/density, the paper), 'l1', false")
+RESCALE = Param("rescale", True, "survivor rescale: true/'density' (1/density, the paper), 'l1', false",
+                kind=object)  # a bool or a mode name: checked by _rescale_mode
 DISJOINT_NORMALIZE = Param("normalize", True, "divide by the summed weights of the agreeing experts (disjoint mean)")
+SUM_NORMALIZE_OPTION = Param("normalize", False, "divide the weighted sum by the sum of the weights (mergekit's option)")
 INT8_MASK = Param("int8_mask", False, "accepted for mergekit compatibility; no effect (masks are bool)")
 
 _NARROW = (torch.bfloat16, torch.float16, torch.float32)  # upcast to float32 exactly inside an op
@@ -144,6 +146,7 @@ def _check_weight_sum(weights: Sequence[float], method: str) -> float:
     "Weight averaging / model soup (Wortsman et al. 2022): sum(w_i * theta_i) / sum(w_i).",
     needs_base=False,
     params=(WEIGHTED_SUM_NORMALIZE,),
+    divides_by_weight_sum=True,
 )
 def linear(experts, base, weights, params, seed, name) -> Kernel:
     scale = 1.0 / _check_weight_sum(weights, "linear") if params["normalize"] else 1.0
@@ -168,7 +171,8 @@ def linear(experts, base, weights, params, seed, name) -> Kernel:
     "task_arithmetic",
     "Task arithmetic (Ilharco et al. 2022): theta_0 + lambda * sum(w_i * (theta_i - theta_0)).",
     needs_base=True,
-    params=(LAMBDA, Param("normalize", False, "divide the weighted sum by the sum of the weights (mergekit's option)")),
+    params=(LAMBDA, SUM_NORMALIZE_OPTION, INT8_MASK),
+    divides_by_weight_sum=True,
 )
 def task_arithmetic(experts, base, weights, params, seed, name) -> Kernel:
     scale = params["lambda"]
@@ -436,12 +440,15 @@ class _Dare:
     "DARE (Yu et al. 2023): drop task-vector entries with p = 1 - density, rescale survivors, "
     "then task arithmetic.",
     needs_base=True,
-    params=(DENSITY_DARE, LAMBDA, RESCALE, INT8_MASK),
+    params=(DENSITY_DARE, LAMBDA, RESCALE, SUM_NORMALIZE_OPTION, INT8_MASK),
+    divides_by_weight_sum=True,
 )
 def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
     scratch = _Scratch(base.device)
     dare = _Dare(experts, base, params, seed, name)
     lam = params["lambda"]
+    if params["normalize"]:
+        lam /= _check_weight_sum(weights, "dare_linear")
 
     def kernel(start: int, stop: int) -> torch.Tensor:
         m = stop - start

@@ -7,7 +7,8 @@ a message that names the parameter instead of a shape error deep inside torch.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ class Param:
     default: Any
     doc: str
     per_model: bool = False  # may be given as one value per expert (like mergekit's `density`)
+    kind: type | None = None  # what a value must be: None means the default's type (bool or number)
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Method:
     description: str
     needs_base: bool
     params: tuple[Param, ...]
+    divides_by_weight_sum: bool  # with normalize: true, weights summing to zero cannot be merged
     # prepare(experts, base, weights, params, seed, name) -> kernel(start, stop) -> float32 chunk
     prepare: Callable = field(repr=False)
 
@@ -36,9 +39,10 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, description: str, *, needs_base: bool, params: tuple[Param, ...] = ()):
+def register(name: str, description: str, *, needs_base: bool, params: tuple[Param, ...] = (),
+             divides_by_weight_sum: bool = False):
     def wrap(prepare: Callable) -> Callable:
-        METHODS[name] = Method(name, description, needs_base, params, prepare)
+        METHODS[name] = Method(name, description, needs_base, params, divides_by_weight_sum, prepare)
         return prepare
 
     return wrap
@@ -78,6 +82,8 @@ def resolve_params(method: Method, given: dict[str, Any], n_experts: int) -> dic
                     f"for {n_experts} experts"
                 )
             resolved[p.name] = values
+        for i, v in enumerate(resolved[p.name] if p.per_model else [value]):
+            _check_kind(p, v, method.name, f" for expert {i}" if p.per_model else "")
     if "density" in resolved:
         for i, d in enumerate(resolved["density"]):
             if not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
@@ -87,6 +93,29 @@ def resolve_params(method: Method, given: dict[str, Any], n_experts: int) -> dic
     if "rescale" in resolved:
         resolved["rescale"] = _rescale_mode(resolved["rescale"])
     return resolved
+
+
+def _check_kind(p: Param, value: Any, method: str, where: str) -> None:
+    kind = p.kind or type(p.default)
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"parameter {p.name!r} of method {method!r} must be true or false, got {value!r}{where}")
+    if kind in (int, float) and not is_number(value):
+        raise ValueError(f"parameter {p.name!r} of method {method!r} must be a finite number, got {value!r}{where}")
+
+
+def is_number(value: Any) -> bool:
+    """A real, finite number given as one (YAML's true, 'big', null and .nan are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_weights(method: Method, weights: Sequence[Any], params: dict[str, Any]) -> None:
+    """Weights are finite numbers; where the method divides by their sum, it is not zero."""
+    for i, w in enumerate(weights):
+        if not is_number(w):
+            raise ValueError(f"weight of expert {i} must be a finite number, got {w!r}")
+    if method.divides_by_weight_sum and params.get("normalize") and weights and float(sum(weights)) == 0.0:
+        raise ValueError(f"weights {list(weights)} sum to zero; {method.name} with normalize: true divides "
+                         "by their sum (set normalize: false, or change a weight)")
 
 
 def _rescale_mode(value: Any) -> str:

@@ -169,6 +169,14 @@ def list_dir(bucket: str, prefix: str) -> dict[str, tuple[int, str | None]]:
     return out
 
 
+def list_subprefixes(bucket: str, prefix: str) -> list[str]:
+    """Names of the "folders" directly under prefix/ (keys with a further '/')."""
+    base = prefix.rstrip("/") + "/"
+    with errors_for(f"s3://{bucket}/{base}"):
+        page = shared_client().list_objects_v2(Bucket=bucket, Prefix=base, Delimiter="/", MaxKeys=10)
+    return [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+
+
 def list_keys(bucket: str, prefix: str) -> list[str]:
     """Every key under prefix/ (recursive)."""
     base = prefix.rstrip("/") + "/"

@@ -140,6 +140,17 @@ def list_dir(uri: str) -> dict[str, int]:
         return {}
 
 
+def list_subdirs(uri: str) -> list[str]:
+    """Some of the folders (S3: common prefixes) directly inside a directory/prefix; [] when none."""
+    if is_s3(uri):
+        return s3.list_subprefixes(*_key(uri))
+    try:
+        with os.scandir(uri) as it:
+            return [e.name for e in it if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def listing_identities(uri: str) -> dict[str, FileIdentity]:
     """Like list_dir but with identities (from one LIST on S3: size + ETag, no version)."""
     if is_s3(uri):

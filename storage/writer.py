@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +51,8 @@ from storage.uri import (
     is_s3,
     join,
     list_dir,
+    list_subdirs,
+    normalize,
     put_bytes,
     split_parent,
     stat,
@@ -72,6 +75,15 @@ def staging_uri(output_uri: str) -> str:
 
 def _spool_prefix(staging: str) -> str:
     return f"mergeline-spool-{hashlib.sha256(staging.encode()).hexdigest()[:16]}-"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: once, at import, not from threads
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _spool_dir() -> str:
@@ -128,6 +140,7 @@ class ShardWriter:
         else:
             os.makedirs(self.staging, exist_ok=True)
             fd, self._tmp = tempfile.mkstemp(prefix=f".{self.filename}.", suffix=".tmp", dir=self.staging)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the published shards private
         self._file = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self._next, self._rows = 0, 0
@@ -264,16 +277,35 @@ def _check_shards(staging: str, shards: list[ShardInfo]) -> tuple[dict[str, str]
     return dict(sorted(weight_map.items())), total
 
 
+def check_output(output_uri: str, inputs: Iterable[str] = ()) -> str:
+    """The output URI, normalised, if publishing there can replace nothing but an earlier mergeline
+    output: not one of the inputs, not a file, no folders inside, no files without mergeline.json.
+    The plan calls this before any work; publish again, just before it replaces anything."""
+    out = validate_output_uri(output_uri)
+    for uri in map(normalize, inputs):
+        if uri == out or uri.startswith(out + "/"):
+            what = "is" if uri == out else "holds"
+            raise CheckpointError(f"output {out} {what} an input of this merge ({uri}); choose another output")
+    if not is_s3(out) and os.path.lexists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"output {out} is a file, not a folder; refusing to replace it")
+    folders = list_subdirs(out)
+    if folders:
+        raise CheckpointError(f"output {out} holds folders ({', '.join(sorted(folders)[:3])}), so it is not "
+                              "a model mergeline wrote; refusing to replace it")
+    existing = list_dir(out)
+    if existing and SIDECAR_NAME not in existing:
+        raise CheckpointError(f"{out} holds files that mergeline did not write; refusing to replace them")
+    return out
+
+
 def publish_checkpoint(output_uri: str, staging: str, shards: list[ShardInfo], *, config_source: Checkpoint,
                        dtype: torch.dtype, sidecar: dict) -> Checkpoint:
     """Complete the staged checkpoint and make it visible at output_uri in one step (see module doc)."""
-    out = validate_output_uri(output_uri)
+    out = check_output(output_uri)
     staging = validate_output_uri(staging)
     if staging == out or staging.startswith(out + "/"):
         raise CheckpointError(f"staging {staging} must be outside the output {out}")
     existing = list_dir(out)
-    if existing and SIDECAR_NAME not in existing:
-        raise CheckpointError(f"{out} holds files that mergeline did not write; refusing to replace them")
     weight_map, total = _check_shards(staging, shards)
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**config_source.config, "torch_dtype": dtype_name, "dtype": dtype_name}

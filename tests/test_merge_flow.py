@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import storage
@@ -295,7 +297,9 @@ def test_local_inputs_mapped_into_memory_merge_to_the_same_bits(prefect_api, zoo
     assert len(aligned) >= 2 * len(got) and aligned <= set(mapped)
 
 
-def test_killed_run_resumes_only_unfinished_units(prefect_api, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_only_unfinished_units(prefect_api, tmp_path, sig):
+    """SIGKILL (OOM kill) and SIGTERM (eviction, cancel): the finished layers are kept for the re-run."""
     base, experts = tiny_llama_zoo(tmp_path / "zoo", n_experts=3, layers=12, hidden=128)
     recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
     output = tmp_path / "merged"
@@ -314,15 +318,44 @@ def test_killed_run_resumes_only_unfinished_units(prefect_api, tmp_path):
     while time.time() < deadline and len(list(staging.glob("model-*.safetensors"))) < 4:
         assert proc.poll() is None, "the merge finished before it could be killed"
         time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
     assert not storage.is_complete(str(output))
+    assert len(list(staging.glob("model-*.safetensors"))) >= 4
 
     summary = run_merge(load_recipe(recipe, output=str(output)), catalog_path=str(tmp_path / "c.duckdb"))
     assert 0 < len(summary["cached"]) < summary["units"] == 15
     assert len(summary["computed"]) == summary["units"] - len(summary["cached"])
     got, _ = load_output(str(output), tmp_path, None)
     assert_same(got, expected_merge((base, experts), MERGEKIT_TIES))
+
+
+def test_a_cache_hit_never_takes_another_recipes_staged_shard(prefect_api, zoo, tmp_path):
+    """Every recipe with this output stages into one folder: after a killed run of recipe B, a
+    re-run of recipe A must not publish B's shards under A's (cached) shard records."""
+    base, experts = zoo
+    output, catalog = tmp_path / "merged", str(tmp_path / "c.duckdb")
+    text_b = MERGEKIT_TIES.replace("weight: 0.5", "weight: 0.25")
+    recipe_a = write_recipe(tmp_path / "a.yaml", str(base), [str(e) for e in experts])
+    recipe_b = write_recipe(tmp_path / "b.yaml", str(base), [str(e) for e in experts], text_b)
+    run_merge(load_recipe(recipe_a, output=str(output)), catalog_path=catalog)  # A's units now cached
+    run_merge(load_recipe(recipe_b, output=str(output)), catalog_path=catalog)
+    staging = Path(storage.staging_uri(str(output)))  # what a killed run of B leaves behind
+    staging.mkdir(parents=True)
+    for shard in json.loads((output / storage.SIDECAR_NAME).read_text())["shards"]:
+        name = shard["filename"]
+        shutil.copy(output / name, staging / name)
+        with safe_open(str(staging / name), "pt") as f:
+            tensors = list(f.keys())
+        (staging / f"{name}.shard.json").write_text(json.dumps(
+            {"filename": name, "uri": str(staging / name), "size": shard["size"], "sha256": shard["sha256"],
+             "tensors": tensors}))
+    shutil.rmtree(output)
+
+    summary = run_merge(load_recipe(recipe_a, output=str(output)), catalog_path=catalog)
+    assert summary["cached"] == [] and len(summary["computed"]) == summary["units"]
+    got, _ = load_output(str(output), tmp_path, None)
+    assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
 
 
 def test_s3_faults_are_retried_with_identical_output(prefect_api, zoo, s3_zoo, s3_faults, bucket, tmp_path):
@@ -366,6 +399,44 @@ def test_invalid_inputs_fail_before_any_task(prefect_api, zoo, tmp_path, capsys)
 
     assert cli(["plan", str(recipe), "--output", str(output)]) == 2
     assert "model.layers.2" in capsys.readouterr().err
+
+
+def test_an_output_holding_other_models_is_refused_by_plan_and_merge_before_any_work(prefect_api, zoo, tmp_path,
+                                                                                     capsys):
+    base, experts = zoo
+    models = tmp_path / "models"  # a folder of checkpoints, no files of its own
+    shutil.copytree(experts[0], models / "math")
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    for command in (["plan"], ["merge", "--catalog", str(tmp_path / "c.duckdb")]):
+        assert cli([*command, str(recipe), "--output", str(models)]) == 2
+        assert "holds folders (math)" in capsys.readouterr().err
+    assert sorted(p.name for p in models.iterdir()) == ["math"]
+    assert sorted(os.listdir(models / "math")) == sorted(os.listdir(experts[0]))
+    assert not Path(storage.staging_uri(str(models))).exists()
+
+
+def test_a_unit_that_fails_on_bad_data_stops_the_merge_cleanly(prefect_api, tmp_path):
+    """NaN in one expert's layer: the command names the tensor and the expert's path in one line,
+    prints no traceback, and leaves no output and no staging (the other units stopped first)."""
+    base, experts = tiny_llama_zoo(tmp_path / "zoo", n_experts=3, layers=6)
+    weights = experts[1] / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.3.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    output = tmp_path / "merged"
+    from prefect.settings import PREFECT_API_URL
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "merge", str(recipe), "--output", str(output),
+         "--catalog", str(tmp_path / "c.duckdb")],
+        env=dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value()), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "model.layers.3.mlp.up_proj.weight" in last and f"expert 1 is {experts[1]}" in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not output.exists() and not Path(storage.staging_uri(str(output))).parent.exists()
 
 
 def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):

@@ -112,7 +112,8 @@ def reference(method, experts, base, weights, seed=0, name="", **p):
             scales = [1 / d for d in densities]
         dropped = [[c * s for c in k] for k, s in zip(kept, scales)]
         if method == "dare_linear":
-            mixed = [sum(w * col[j] for col, w in zip(dropped, weights)) for j in range(len(b))]
+            total = sum(weights) if p.get("normalize", False) else 1.0
+            mixed = [sum(w * col[j] for col, w in zip(dropped, weights)) / total for j in range(len(b))]
         else:
             mixed = ref_elect_mean(dropped, weights, p.get("normalize", True))
     out = [b[j] + lam * mixed[j] for j in range(len(b))]
@@ -193,13 +194,14 @@ def test_ties_per_expert_density(case, seed):
 
 @SETTINGS
 @given(merge_case(), st.sampled_from(["dare_linear", "dare_ties"]), st.integers(0, 5), st.text(max_size=8),
-       st.sampled_from([True, "l1"]), PATHS)
-def test_dare_matches_reference(case, method, seed, name, rescale, path):
+       st.sampled_from([True, "l1"]), st.booleans(), PATHS)
+def test_dare_matches_reference(case, method, seed, name, rescale, normalize, path):
     experts, base, weights, density = case
     with kernels(path):
         got = merge_tensors(method, experts, base, weights=weights, density=density, seed=seed, name=name,
-                            rescale=rescale, out_dtype=torch.float32)
-    want = reference(method, experts, base, weights, seed=seed, name=name, density=density, rescale=rescale)
+                            rescale=rescale, normalize=normalize, out_dtype=torch.float32)
+    want = reference(method, experts, base, weights, seed=seed, name=name, density=density, rescale=rescale,
+                     normalize=normalize)
     assert_close(got, want)
 
 

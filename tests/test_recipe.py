@@ -65,6 +65,17 @@ def test_linear_needs_no_base_and_out_dtype_wins_over_dtype():
         ("merge_method: ties\nbase_model: b\nmodels: [x]\ndtype: int8\n", "dtype 'int8' not supported"),
         ("merge_method: ties\nbase_model: b\nmodels: [x]\ndevice: tpu\n", "device 'tpu'"),
         ("merge_method: ties\nbase_model: b\nmodels: [x+lora]\n", "lora"),
+        ("merge_method: linear\nmodels: [x]\nparameters: {normalize: 'false'}\n", "'normalize' .* must be true or false"),
+        ("merge_method: ties\nbase_model: b\nmodels: [x]\nparameters: {lambda: null}\n", "'lambda' .* finite number, got None"),
+        ("merge_method: ties\nbase_model: b\nmodels: [x]\nparameters: {lambda: big}\n", "'lambda' .* finite number, got 'big'"),
+        ("merge_method: ties\nbase_model: b\nmodels: [x]\nparameters: {density: true}\n", "'density' .* finite number, got True"),
+        ("merge_method: linear\nmodels: [{model: x, parameters: {weight: .nan}}]\n", "weight of expert 0 must be a finite number"),
+        ("merge_method: linear\nmodels: [x, {model: y, parameters: {weight: null}}]\n", "weight of expert 1 .* got None"),
+        ("merge_method: linear\nmodels: [{model: x, parameters: {weight: 1}}, {model: y, parameters: {weight: -1}}]\n",
+         "sum to zero; linear with normalize: true"),
+        ("merge_method: dare_linear\nbase_model: b\nparameters: {normalize: true}\n"
+         "models: [{model: x, parameters: {weight: 2}}, {model: y, parameters: {weight: -2}}]\n", "sum to zero"),
+        ("merge_method: linear\nmerge_method: ties\nmodels: [x]\n", "key 'merge_method' is given twice"),
         ("- just a list\n", "YAML mapping"),
         ("merge_method: [\n", "not valid YAML"),
     ],
@@ -78,3 +89,19 @@ def test_invalid_recipes_name_the_problem(text, message):
 def test_load_recipe_missing_file(tmp_path):
     with pytest.raises(RecipeError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_linear_averages_a_listed_base_while_methods_with_a_base_drop_it():
+    """mergekit's linear has no base: a model listed under models is averaged even if it is also
+    base_model. Task-vector methods skip it (its task vector is zero), however its URI is spelled."""
+    r = parse_recipe("merge_method: linear\nbase_model: /m/a\nmodels: [/m/a, /m/b]\n")
+    assert r.inputs == ["/m/a", "/m/b"]
+    r = parse_recipe("merge_method: ties\nbase_model: /m/base/\nmodels: [/m/base, /m/x]\n")
+    assert r.inputs == ["/m/x"]
+
+
+def test_mergekit_options_of_every_task_arithmetic_method_are_accepted():
+    r = parse_recipe("merge_method: task_arithmetic\nbase_model: b\nmodels: [x]\nparameters: {int8_mask: true}\n")
+    assert r.parameters["int8_mask"] is True
+    r = parse_recipe("merge_method: dare_linear\nbase_model: b\nmodels: [x]\nparameters: {normalize: true}\n")
+    assert r.parameters["normalize"] is True

@@ -223,6 +223,47 @@ def test_publish_refuses_to_replace_a_foreign_directory(tiny_llamas, tmp_path):
     assert sorted(os.listdir(foreign)) == before
 
 
+def test_publish_refuses_a_file_or_a_folder_of_folders_and_leaves_them(tiny_llamas, tmp_path):
+    """A folder holding only folders (a directory of models) lists no files: it must still be
+    refused, not renamed away and deleted. So must a plain file at the output path."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_llamas["single"], models / "base")
+    (tmp_path / "notes.txt").write_text("mine")
+    ck = open_checkpoint(str(tiny_llamas["single"]))
+    with pytest.raises(CheckpointError, match=r"holds folders \(base\)"):
+        publish(ck, str(models), torch.float32)
+    with pytest.raises(CheckpointError, match="is a file, not a folder"):
+        publish(ck, str(tmp_path / "notes.txt"), torch.float32)
+    assert sorted(os.listdir(models / "base")) == sorted(os.listdir(tiny_llamas["single"]))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_that_is_or_holds_an_input_is_refused(tiny_llamas, tmp_path):
+    merged = str(tmp_path / "merged")
+    publish(open_checkpoint(str(tiny_llamas["single"])), merged, torch.float32)  # a mergeline output
+    with pytest.raises(CheckpointError, match="is an input of this merge"):
+        storage.check_output(merged, [merged + "/"])
+    with pytest.raises(CheckpointError, match="holds an input of this merge"):
+        storage.check_output(str(tmp_path), [merged])
+    assert storage.check_output(merged, [str(tiny_llamas["single"])]) == merged
+
+
+def test_an_s3_prefix_holding_models_is_refused(tiny_llamas, bucket, s3_env):
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    s3.put_object(Bucket=bucket, Key="models/math/config.json", Body=b"{}")
+    with pytest.raises(CheckpointError, match=r"holds folders \(math\)"):
+        storage.check_output(f"s3://{bucket}/models")
+    assert storage.check_output(f"s3://{bucket}/models/new") == f"s3://{bucket}/models/new"
+
+
+def test_published_shards_are_readable_like_the_other_files(tiny_llamas, tmp_path):
+    """Shards are created private (mkstemp) but must end up with the mode the umask gives config.json."""
+    out = tmp_path / "merged"
+    publish(open_checkpoint(str(tiny_llamas["single"])), str(out), torch.float32)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_publish_checks_its_shards(tiny_llamas, tmp_path):
     ck = open_checkpoint(str(tiny_llamas["single"]))
     out = str(tmp_path / "merged")
