@@ -18,6 +18,12 @@ from rich.tree import Tree
 from storage.catalog import SPLITS, STATUSES, Catalog, CatalogBusy, default_catalog_path
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def add_parser(sub) -> None:
     source = "$MERGELINE_CATALOG" if os.environ.get("MERGELINE_CATALOG") else "default"
     p = sub.add_parser(
@@ -53,7 +59,7 @@ def add_parser(sub) -> None:
     s = add("runs", _runs, "merge runs, newest first")
     s.add_argument("--status", choices=STATUSES)
     s.add_argument("--recipe", help="only runs of this recipe name")
-    s.add_argument("--limit", type=int)
+    s.add_argument("--limit", type=_at_least_one, metavar="N", help="the N newest runs")
     add("sql", _sql, "read-only SQL over the catalog (schema in docs/catalog.md)").add_argument(
         "query", help='e.g. "SELECT name, version FROM checkpoints"')
     add("export", _export, "write every table to Parquet in a local directory or s3://bucket/prefix").add_argument(

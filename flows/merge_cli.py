@@ -14,7 +14,7 @@ MERGE_EXAMPLE = """example:
   mergeline merge recipe.yaml --runner dask --address tcp://10.0.0.5:8786
 
 The recipe is mergekit's YAML (merge_method, base_model, models, parameters, dtype) plus
-mergeline's keys (name, output, seed, device, evaluate). Inputs and output are local paths or
+mergeline's keys (name, output, seed, device, evaluate, models_from). Inputs and output are local paths or
 s3:// URIs; S3 is configured the way boto3 is (AWS_PROFILE, AWS_ENDPOINT_URL, ...)."""
 
 

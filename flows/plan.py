@@ -88,6 +88,13 @@ def make_plan(recipe: Recipe) -> Plan:
     if not recipe.output:
         raise PlanError(f"{recipe.source}: no output URI; set 'output:' in the recipe or pass --output")
     output = validate_output_uri(recipe.output)
+    if recipe.evaluate:  # a suite that cannot load would fail the run after its model is published
+        from evaluation import load_suite
+
+        try:
+            load_suite(recipe.evaluate["suite"])
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"{recipe.source}: evaluate: {exc}") from None
     uris = ([recipe.base] if recipe.base else []) + recipe.inputs
     opened, errors = _open_all(uris)
     if errors:

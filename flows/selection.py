@@ -260,6 +260,7 @@ def load_recipes(spec: str | list[str] | None) -> tuple[list[Recipe], list[str]]
     recipes: list[Recipe] = []
     errors: list[str] = []
     names: dict[str, str] = {}
+    outputs: dict[str, str] = {}
     for item in items:
         try:
             sources = _recipe_sources(item)
@@ -279,8 +280,11 @@ def load_recipes(spec: str | list[str] | None) -> tuple[list[Recipe], list[str]]
                 errors.append(f"{source}: a scheduled recipe needs 'output:' (where to publish the model)")
             elif recipe.name in names:
                 errors.append(f"{source}: recipe name {recipe.name!r} is also used by {names[recipe.name]}")
+            elif _normalized(recipe.output) in outputs:  # each would replace the other's model every night
+                errors.append(f"{source}: output {recipe.output} is also the output of {outputs[_normalized(recipe.output)]}")
             else:
                 names[recipe.name] = source
+                outputs[_normalized(recipe.output)] = source
                 recipes.append(recipe)
     cyclic = _in_cycles(recipes)
     errors += [f"{r.source}: in the recipes {cyclic[r.name]}, each merges the output of the one before it, so "

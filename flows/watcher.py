@@ -11,7 +11,8 @@ One scan (one run of the `watch-experts` flow, on an interval schedule):
    catalog (idempotent by (uri, identity); new content at the same URI is the next version).
 3. An identity the watcher has not announced before has *landed*: the Prefect event
    `mergeline.expert.landed` is emitted (resource `mergeline.expert.<uri>`, labels with the URI,
-   identity and catalog version; the event id is derived from URI + identity) and every
+   identity and catalog version; the event id is derived from URI, identity and how many landings
+   the URI had before, so a revert to earlier content lands again) and every
    configured recipe that selects it is merged (flows/nightly.py:merge_if_changed): in-process as
    a subflow by default, or, with `merge_deployment`, as a run of that deployment created with
    `run_deployment` (idempotency key from the inputs), so merges run on the GPU pool.
@@ -90,9 +91,16 @@ class LandingLog:
             return con.execute("SELECT fingerprint, identity FROM seen WHERE uri = ?", [uri]).fetchone()
 
     def announced(self, uri: str, identity: str) -> bool:
+        """Whether this identity is the one last announced at uri (content reverted to an earlier
+        version's bytes is a landing again)."""
         with self._connect() as con:
-            return con.execute("SELECT 1 FROM landings WHERE uri = ? AND identity = ?", [uri, identity]).fetchone() \
-                is not None
+            last = con.execute("SELECT identity FROM landings WHERE uri = ? ORDER BY landed_at DESC LIMIT 1",
+                               [uri]).fetchone()
+        return last is not None and last[0] == identity
+
+    def landing_count(self, uri: str) -> int:
+        with self._connect() as con:
+            return con.execute("SELECT count(*) FROM landings WHERE uri = ?", [uri]).fetchone()[0]
 
     def remember(self, uri: str, fingerprint: str, identity: str) -> None:
         with self._connect() as con:
@@ -101,7 +109,7 @@ class LandingLog:
     def record(self, landing: dict, flow_run_id: str | None) -> None:
         with self._connect() as con:
             con.execute(
-                "INSERT OR IGNORE INTO landings VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO landings VALUES (?, ?, ?, ?, ?, ?)",
                 [landing["uri"], landing["identity"], landing["checkpoint_id"], landing["label"],
                  datetime.now(UTC).isoformat(), flow_run_id],
             )
@@ -134,6 +142,9 @@ def detect_landing(expert: LandedExpert, catalog: Catalog, log: LandingLog) -> d
         "name": expert.name, "uri": ck.uri, "identity": ck.identity, "checkpoint_id": checkpoint_id,
         "version": row["version"], "label": row["label"], "kind": row["kind"], "tags": list(expert.tags),
         "fingerprint": expert.fingerprint,
+        # the same after a crash before record(), different for a revert to an earlier identity
+        "event_id": str(uuid.uuid5(uuid.NAMESPACE_URL,
+                                   f"{LANDED_EVENT}:{ck.uri}#{ck.identity}#{log.landing_count(ck.uri)}")),
     }
 
 
@@ -149,7 +160,7 @@ def announce(landing: dict) -> None:
             "mergeline.expert.version": str(landing["version"]),
         },
         payload={k: landing[k] for k in ("uri", "identity", "name", "version", "label", "checkpoint_id", "tags")},
-        id=uuid.uuid5(uuid.NAMESPACE_URL, f"{LANDED_EVENT}:{landing['uri']}#{landing['identity']}"),
+        id=uuid.UUID(landing["event_id"]),
     )
 
 
@@ -203,14 +214,16 @@ def watch_experts(
     for recipe in loaded:
         try:
             selected = selected_uris(recipe, scans)
-            hits = [x["label"] for x in landed if x["uri"] in selected]
+            hits = [x for x in landed if x["uri"] in selected]
             if not hits:
                 continue
+            scope = "landed-" + uuid.uuid5(uuid.NAMESPACE_URL, " ".join(sorted(x["event_id"] for x in hits))).hex[:12]
+            hits = [x["label"] for x in hits]
             concrete = resolve_recipe(recipe, scans)
             logger.info("%s selects %s: merging", recipe.name, ", ".join(hits))
             result = merge_if_changed(
                 concrete, trigger="new-expert", catalog_path=catalog_path, scans=scans, record_skip=False,
-                merge_deployment=merge_deployment, idempotency_scope="landed", runner=runner, address=address,
+                merge_deployment=merge_deployment, idempotency_scope=scope, runner=runner, address=address,
                 workers=workers,
             )
         except Exception as exc:  # noqa: BLE001 - the other recipes still merge; the run fails at the end

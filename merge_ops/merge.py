@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .methods import DEFAULT_CHUNK, GPU_CHUNK, default_chunk  # importing methods registers them
-from .registry import get_method, resolve_params
+from .registry import check_weights, get_method, resolve_params
 from .stream import RowStream, all_finite
 
 __all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "default_chunk", "merge_stream", "merge_tensors", "output_bytes"]
@@ -131,6 +131,7 @@ def _prepare(method, experts, base, weights, seed, name, params):
     if len(weights) != len(experts):
         raise ValueError(f"{method}: {len(weights)} weights given for {len(experts)} experts{where}")
     resolved = resolve_params(spec, params, len(experts))
+    check_weights(spec, weights, resolved)
     _check_tensors(experts, base, where)
     flat = [e if isinstance(e, RowStream) else e.reshape(-1) for e in experts]
     flat_base = base if base is None or isinstance(base, RowStream) else base.reshape(-1)

@@ -196,7 +196,7 @@ def _ties_thresholds(experts, base, densities) -> list[float | None]:
     for all experts, each chunk's magnitudes computed, fed to a Bracket, and dropped; for a
     RowStream, or where a bracket missed, two counting passes (RadixSelect)."""
     n = base.numel()
-    todo = {i: keep_count(d, n) for i, d in enumerate(densities) if d < 1.0}
+    todo = {i: keep_count(d, n) for i, d in enumerate(densities) if d < 1.0 and n > 0}  # nothing to trim in []
     if n <= _SMALL:
         return [_whole_tensor_threshold(experts[i], base, todo[i]) if i in todo else None for i in range(len(experts))]
     if isinstance(base, RowStream):
@@ -274,6 +274,7 @@ def _whole_tensor_threshold(expert, base, k: int) -> float:
     "elect signs, disjoint mean.",
     needs_base=True,
     params=(DENSITY_TIES, LAMBDA, DISJOINT_NORMALIZE, INT8_MASK),
+    elects_signs=True,
 )
 def ties(experts, base, weights, params, seed, name) -> Kernel:
     # |d| >= thr exactly where |d| > the largest float32 below thr: hardshrink trims in one pass
@@ -465,6 +466,7 @@ def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
     "DARE-TIES (Yu et al. 2023): DARE's random drop and rescale, then TIES sign election and disjoint mean.",
     needs_base=True,
     params=(DENSITY_DARE, LAMBDA, RESCALE, DISJOINT_NORMALIZE, INT8_MASK),
+    elects_signs=True,
 )
 def dare_ties(experts, base, weights, params, seed, name) -> Kernel:
     scratch = _Scratch(base.device)

@@ -29,6 +29,7 @@ class Method:
     needs_base: bool
     params: tuple[Param, ...]
     divides_by_weight_sum: bool  # with normalize: true, weights summing to zero cannot be merged
+    elects_signs: bool  # TIES-style sign election: a negative weight has no agreed meaning
     # prepare(experts, base, weights, params, seed, name) -> kernel(start, stop) -> float32 chunk
     prepare: Callable = field(repr=False)
 
@@ -40,9 +41,9 @@ METHODS: dict[str, Method] = {}
 
 
 def register(name: str, description: str, *, needs_base: bool, params: tuple[Param, ...] = (),
-             divides_by_weight_sum: bool = False):
+             divides_by_weight_sum: bool = False, elects_signs: bool = False):
     def wrap(prepare: Callable) -> Callable:
-        METHODS[name] = Method(name, description, needs_base, params, divides_by_weight_sum, prepare)
+        METHODS[name] = Method(name, description, needs_base, params, divides_by_weight_sum, elects_signs, prepare)
         return prepare
 
     return wrap
@@ -109,10 +110,15 @@ def is_number(value: Any) -> bool:
 
 
 def check_weights(method: Method, weights: Sequence[Any], params: dict[str, Any]) -> None:
-    """Weights are finite numbers; where the method divides by their sum, it is not zero."""
+    """Weights are finite numbers; not negative where signs are elected; where the method divides
+    by their sum, it is not zero."""
     for i, w in enumerate(weights):
         if not is_number(w):
             raise ValueError(f"weight of expert {i} must be a finite number, got {w!r}")
+    if method.elects_signs and any(w < 0 for w in weights):
+        raise ValueError(f"weights {list(weights)}: {method.name} elects signs, and a negative weight has no agreed "
+                         "meaning there (mergekit divides by the signed sum of the agreeing weights, which can flip "
+                         "the update); subtract a task vector with task_arithmetic instead")
     if method.divides_by_weight_sum and params.get("normalize") and weights and float(sum(weights)) == 0.0:
         raise ValueError(f"weights {list(weights)} sum to zero; {method.name} with normalize: true divides "
                          "by their sum (set normalize: false, or change a weight)")

@@ -302,6 +302,9 @@ def check_compatible(checkpoints: list[Checkpoint], *, max_listed: int = 10) -> 
                 pairs.setdefault((t.dtype, ck.tensors[n].dtype), []).append(n)
         notes += [f"{who}: {len(names)} tensors stored as {theirs} where input 0 has {ours} (e.g. {names[0]!r})"
                   for (ours, theirs), names in pairs.items()]
+        tied = [c.config.get("tie_word_embeddings") for c in (ref, ck)]
+        if tied[0] != tied[1]:  # the output takes input 0's config.json: its lm_head may be ignored
+            notes.append(f"{who}: tie_word_embeddings is {tied[1]}, input 0 has {tied[0]} (the output keeps input 0's)")
     if problems:
         more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
         raise CheckpointError(

@@ -461,6 +461,9 @@ def test_cli_errors_are_one_line(zoo, capsys, tmp_path):
     assert code == 2 and err.startswith("mergeline: error: no checkpoint 'nope'") and "hint:" in err
     code, out, err = _cli(capsys, cat, "best", "--task", "nope")
     assert code == 2 and "no evaluations of task 'nope'" in err
+    with pytest.raises(SystemExit) as usage:  # argparse: a usage error, not a DuckDB traceback
+        main(["catalog", "runs", "--catalog", str(cat.path), "--limit", "-1"])
+    assert usage.value.code == 2 and "--limit: expected a whole number of at least 1" in capsys.readouterr().err
     missing = tmp_path / "none.duckdb"
     assert main(["catalog", "list", "--catalog", str(missing)]) == 2
     assert "no catalog at" in capsys.readouterr().err and not missing.exists()
@@ -502,3 +505,27 @@ def test_docs_describe_every_column_and_their_queries_run(zoo):
         cat.sql(q)
     ancestors = cat.sql(queries[0].replace("'math-code' AND version = 3", "'m3' AND version = 1"))
     assert {a["name"]: a["depth"] for a in ancestors}["expert-a"] == 2
+
+
+def test_inputs_in_different_folders_with_one_name_are_different_models(cat):
+    """Two folders called expert-0 (two zoos) are two models, not two versions of one: asking for
+    what was derived from the first must not list what was made from the second."""
+    base = cat.register_checkpoint("s3://m/base", kind="base", name="base", identity="b")
+    big = cat.register_checkpoint("s3://m/zoo_big/expert-0", kind="expert", name="expert-0", identity="big")
+    small = cat.register_checkpoint("s3://m/zoo_small/expert-0", kind="expert", name="expert-0", identity="small")
+    small2 = cat.register_checkpoint("s3://m/zoo_small/expert-0", kind="expert", name="expert-0", identity="small-2")
+    assert [cat.find_checkpoint(c)["label"] for c in (big, small, small2)] == [
+        "expert-0@v1", "zoo_small/expert-0@v1", "zoo_small/expert-0@v2"]
+    run = _start(cat, "from-small", "task_arithmetic", [small2], [1.0], base=base)
+    cat.complete_run(run, "s3://m/out", name="from-small", identity="o")
+    assert cat.derived_from("expert-0") == []
+    assert _labels(cat.derived_from("zoo_small/expert-0")) == ["from-small@v1"]
+
+
+def test_content_reverted_to_an_earlier_version_is_the_latest_again(cat):
+    v1 = cat.register_checkpoint("s3://m/math", kind="expert", name="math", identity="one")
+    v2 = cat.register_checkpoint("s3://m/math", kind="expert", name="math", identity="two")
+    assert cat.find_checkpoint("math")["id"] == v2
+    assert cat.register_checkpoint("s3://m/math", kind="expert", name="math", identity="one") == v1
+    assert cat.find_checkpoint("math")["id"] == v1 and cat.find_checkpoint("s3://m/math")["id"] == v1
+    assert cat.find_checkpoint("math")["version"] == 1 and cat.find_checkpoint("math@v2")["id"] == v2

@@ -30,7 +30,7 @@ for i in range(n):
         cat.record_evaluation(checkpoint_id=base, suite="s", task=f"task-{worker}", split="held-in",
                               metric="acc", value=i)
     else:  # all workers add versions of the same name: the version numbers must not collide
-        cat.register_checkpoint(f"s3://m/{worker}/{i}", kind="expert", name="shared", identity=f"{worker}-{i}")
+        cat.register_checkpoint(f"s3://m/{worker}/{i}", kind="merged", name="shared", identity=f"{worker}-{i}")
 """
 
 

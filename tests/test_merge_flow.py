@@ -439,6 +439,15 @@ def test_a_unit_that_fails_on_bad_data_stops_the_merge_cleanly(prefect_api, tmp_
     assert not output.exists() and not Path(storage.staging_uri(str(output))).parent.exists()
 
 
+def test_a_recipe_whose_evaluation_suite_is_missing_fails_at_plan(zoo, tmp_path, capsys):
+    base, experts = zoo
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts],
+                          MERGEKIT_TIES + f"evaluate: {tmp_path / 'no-suite.yaml'}\n")
+    assert cli(["plan", str(recipe), "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "evaluate: suite file not found" in err and "no-suite.yaml" in err
+
+
 def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
     import json
 

@@ -860,6 +860,10 @@ def pair():
         (lambda e, b: merge_tensors("ties", e, b, densty=0.3), "unknown parameter 'densty'.*Did you mean 'density'"),
         (lambda e, b: merge_tensors("linear", e, weights=[1.0, -1.0]), "sum to zero"),
         (lambda e, b: merge_tensors("dare_ties", e, b, rescale="l2"), "rescale must be"),
+        (lambda e, b: merge_tensors("ties", e, b, weights=[1.0, -1.0]), "ties elects signs"),
+        (lambda e, b: merge_tensors("dare_ties", e, b, weights=[-0.5, 1.0]), "dare_ties elects signs"),
+        (lambda e, b: merge_tensors("ties", e, b, normalize="false"), "'normalize'.*true or false"),
+        (lambda e, b: merge_tensors("task_arithmetic", e, b, weights=[1.0, float("nan")]), "weight of expert 1"),
         (lambda e, b: merge_tensors("linear", e, out_dtype="int8"), "out_dtype"),
     ],
 )
@@ -867,6 +871,13 @@ def test_errors_name_what_is_wrong(pair, call, message):
     experts, base = pair
     with pytest.raises(ValueError, match=message):
         call(experts, base)
+
+
+@pytest.mark.parametrize("method, params", [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                            ("dare_ties", {"density": 0.3}), ("dare_linear", {"density": 0.3})])
+def test_an_empty_tensor_merges_to_an_empty_tensor(method, params):
+    out = merge_tensors(method, [torch.zeros(0, 4), torch.ones(0, 4)], torch.zeros(0, 4), **params)
+    assert out.shape == (0, 4)
 
 
 def test_float_density_rounding_keeps_round_of_density_times_n():

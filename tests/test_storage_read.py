@@ -177,6 +177,15 @@ def test_compatible_inputs_report_dtype_differences(tiny_llamas):
     assert len(notes) == 1 and "input 2" in notes[0] and "F32" in notes[0] and "BF16" in notes[0]
 
 
+def test_a_tie_word_embeddings_difference_is_a_note(tiny_llamas, tmp_path):
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_llamas["expert"], tied)
+    cfg = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": not cfg.get("tie_word_embeddings")}))
+    [note] = check_compatible([open_checkpoint(str(tiny_llamas["expert"])), open_checkpoint(str(tied))])
+    assert "input 1" in note and "tie_word_embeddings" in note
+
+
 def test_incompatible_inputs_list_differences(tiny_llamas, tmp_path):
     single, other = open_checkpoint(str(tiny_llamas["single"])), open_checkpoint(str(tiny_llamas["other"]))
     with pytest.raises(CheckpointError) as e:

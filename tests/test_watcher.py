@@ -150,10 +150,12 @@ def test_load_recipes_reports_bad_ones_and_keeps_the_rest(tmp_path):
     write(tmp_path / "r" / "b.yml", "name: a\n" + good.format(n="b"))            # same name as a.yaml
     write(tmp_path / "r" / "c.yaml", "merge_method: linear\nmodels_from: s3://b/experts\n")  # no output
     write(tmp_path / "r" / "d.yaml", "merge_method: nope\nmodels: [x]\n")
+    write(tmp_path / "r" / "e.yaml", good.format(n="a/"))                          # a.yaml's output
     write(tmp_path / "r" / "notes.txt", "ignored")
     recipes, errors = load_recipes([str(tmp_path / "r"), str(tmp_path / "missing.yaml")])
     assert [r.name for r in recipes] == ["a"]
-    assert len(errors) == 4, errors
+    assert len(errors) == 5, errors
+    assert any(e.startswith(str(tmp_path / "r" / "e.yaml")) and "also the output of" in e for e in errors)
     assert any("also used by" in e for e in errors) and any("needs 'output:'" in e for e in errors)
     assert any("nope" in e for e in errors) and any("missing.yaml" in e for e in errors)
 
@@ -243,6 +245,19 @@ def test_two_step_upload_merges_once_after_the_marker_and_a_new_version_merges_a
     # each identity registered once, announced once
     log = LandingLog.beside(catalog.path)
     assert sorted(x["label"] for x in log.landings()) == ["code@v1", "math@v1", "math@v2", "soup@v1"]
+
+    # step 5: reverted to the first upload's bytes: v1 is the latest again, lands again, merges again
+    s3.delete_object(Bucket=bucket, Key=f"experts/math/{MARKER}")
+    upload_dir(e0, bucket, "experts/math", s3_env)
+    s3.put_object(Bucket=bucket, Key=f"experts/math/{MARKER}", Body=marker_for(e0))
+    sixth = scan()
+    assert storage.open_checkpoint(f"{experts}/math").identity == v1
+    assert [(x["label"], x["identity"]) for x in sixth["landed"] if x["name"] == "math"] == [("math@v1", v1)]
+    assert [m["action"] for m in sixth["merges"]] == ["merged"]
+    assert catalog.find_checkpoint("math")["identity"] == v1
+    reverted = catalog.runs()[0]
+    assert [(i["label"], i["identity"]) for i in reverted["inputs"]] == [("math@v1", v1)]
+    assert [x for x in scan()["landed"] if x["name"] == "math"] == []  # and only once
 
 
 def test_watcher_starts_runs_of_the_merge_deployment_once_and_emits_the_event(

@@ -135,7 +135,7 @@ class Catalog:
         for where, params in queries:
             found = db.rows(
                 con, f"SELECT {_CK} FROM checkpoints c WHERE {where} "
-                "ORDER BY c.registered_at DESC, c.version DESC", params,
+                "ORDER BY c.seen_at DESC, c.version DESC", params,
             )
             if found:
                 return found
@@ -172,20 +172,36 @@ class Catalog:
         existing = con.execute(
             "SELECT id FROM checkpoints WHERE uri = ? AND identity = ?", [uri, identity]
         ).fetchone()
-        if existing:
+        if existing:  # found there again: the latest at its URI and name once more
+            con.execute("UPDATE checkpoints SET seen_at = ? WHERE id = ?", [_now(), existing[0]])
             return existing[0]
+        if kind != "merged":  # an input's name is its folder's: the same name elsewhere is another model
+            name = self._name_for_uri(con, uri, name)
         version = con.execute(
             "SELECT coalesce(max(version), 0) + 1 FROM checkpoints WHERE name = ?", [name]
         ).fetchone()[0]
         checkpoint_id = "ck-" + hashlib.sha256(f"{uri}\0{identity}".encode()).hexdigest()[:12]
+        now = _now()
         tags = [tags] if isinstance(tags, str) else [str(t) for t in tags]
         con.execute(
             "INSERT INTO checkpoints (id, uri, kind, name, version, identity, model_type, param_count, dtype, "
-            "tags, metadata, registered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "tags, metadata, registered_at, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [checkpoint_id, uri, kind, name, version, identity, model_type,
-             None if param_count is None else int(param_count), dtype, tags, _json(metadata), _now()],
+             None if param_count is None else int(param_count), dtype, tags, _json(metadata), now, now],
         )
         return checkpoint_id
+
+    @staticmethod
+    def _name_for_uri(con, uri: str, name: str) -> str:
+        """`name` unless another URI has it: then the shortest path suffix no other URI has
+        (`zoo2/expert-0`), else the URI itself. A URI keeps its name from version to version."""
+        parts = uri.rstrip("/").split("/")
+        for candidate in [name, *("/".join(parts[-k:]) for k in range(2, len(parts) - 1))]:
+            others = con.execute("SELECT 1 FROM checkpoints WHERE name = ? AND uri <> ? LIMIT 1",
+                                 [candidate, uri]).fetchone()
+            if not others:
+                return candidate
+        return uri
 
     def start_run(
         self, *, recipe_name: str, method: str, parameters: dict, recipe_text: str, base_id: str | None,

@@ -45,9 +45,17 @@ ALTER TABLE evaluations ADD COLUMN higher_is_better BOOLEAN;
 UPDATE evaluations SET higher_is_better = NOT {_LOWER_SQL};
 """
 
+# seen_at: when this identity was last found at its URI. A URI whose content returns to an
+# earlier identity (an expert reverted) makes that row its latest again; registered_at stays.
+V3 = """
+ALTER TABLE checkpoints ADD COLUMN seen_at TIMESTAMP;
+UPDATE checkpoints SET seen_at = registered_at;
+"""
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "checkpoints, runs, run_inputs, evaluations", V1),
     (2, "runs.timings; evaluations.higher_is_better (backfilled from the metric name)", V2),
+    (3, "checkpoints.seen_at (backfilled from registered_at)", V3),
 ]
 LATEST = MIGRATIONS[-1][0]
 
