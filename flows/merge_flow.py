@@ -95,6 +95,8 @@ def merge_flow(
     try:
         lock.acquire(on_wait=logger.info)  # another run writing this output finishes first
         timings["lock_wait"] = lock.waited_s
+        for abandoned in catalog.begin_writing(run_id):
+            logger.warning("run %s was killed while writing %s; recorded as failed", abandoned, plan.output)
         t0 = time.perf_counter()
         results, cached = _merge_units(plan, staging, logger)
         timings["merge"] = time.perf_counter() - t0
@@ -255,7 +257,7 @@ def _start_run(catalog: Catalog, plan: Plan, trigger: str) -> str:
     return catalog.start_run(
         recipe_name=r.name, method=r.method, parameters=r.parameters, recipe_text=r.text, base_id=base_id,
         inputs=inputs, code_version=code_version(), flow_run_id=_flow_run_id(),
-        trigger=trigger,
+        trigger=trigger, target_uri=plan.output,
     )
 
 

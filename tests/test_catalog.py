@@ -340,6 +340,8 @@ def test_v1_catalog_is_migrated_in_place_with_its_data(tmp_path):
     assert [(i["model"]["label"], i["weight"]) for i in cat.lineage("m")["run"]["inputs"]] == [
         ("a@v1", 0.6), ("b@v1", 0.4)]
     assert cat.runs()[0]["timings"] is None  # new column, present and empty for old rows
+    assert cat.sql("SELECT count(*) AS n FROM checkpoints WHERE seen_at IS DISTINCT FROM registered_at") == [{"n": 0}]
+    assert [(r["target_uri"], r["writing_since"]) for r in cat.runs()] == [(cat.find_checkpoint("m")["uri"], None)]
     backfilled = cat.sql("SELECT id, higher_is_better FROM evaluations ORDER BY id")
     assert backfilled == [{"id": "ev-1", "higher_is_better": False}, {"id": "ev-2", "higher_is_better": False},
                           {"id": "ev-3", "higher_is_better": True}]
@@ -529,3 +531,22 @@ def test_content_reverted_to_an_earlier_version_is_the_latest_again(cat):
     assert cat.register_checkpoint("s3://m/math", kind="expert", name="math", identity="one") == v1
     assert cat.find_checkpoint("math")["id"] == v1 and cat.find_checkpoint("s3://m/math")["id"] == v1
     assert cat.find_checkpoint("math")["version"] == 1 and cat.find_checkpoint("math@v2")["id"] == v2
+
+
+def test_taking_an_output_over_fails_its_dead_writers_but_not_runs_waiting_for_it(cat):
+    base = _reg(cat, "base", "base")
+    expert = _reg(cat, "math", "expert")
+
+    def start(name: str, target: str = "s3://m/out") -> str:
+        return cat.start_run(recipe_name=name, method="linear", parameters={}, recipe_text=name, base_id=base,
+                             inputs=[{"checkpoint_id": expert, "weight": 1.0}], target_uri=target)
+
+    dead, waiting, elsewhere, taker = start("dead"), start("waiting"), start("other", "s3://m/other"), start("taker")
+    cat.begin_writing(dead)
+    cat.begin_writing(elsewhere)
+    assert cat.begin_writing(taker) == [dead]
+    status = {r["id"]: (r["status"], r["error"]) for r in cat.runs()}
+    assert status[dead][0] == "failed" and taker in status[dead][1]
+    assert status[waiting] == status[elsewhere] == status[taker] == ("running", None)
+    with pytest.raises(CatalogError, match="no running merge run"):
+        cat.begin_writing(dead)

@@ -325,6 +325,10 @@ def test_killed_run_resumes_only_unfinished_units(prefect_api, tmp_path, sig):
 
     summary = run_merge(load_recipe(recipe, output=str(output)), catalog_path=str(tmp_path / "c.duckdb"))
     assert 0 < len(summary["cached"]) < summary["units"] == 15
+    killed, resumed = sorted(Catalog(tmp_path / "c.duckdb").runs(), key=lambda r: r["started_at"])
+    assert resumed["status"] == "succeeded" and killed["status"] == "failed"  # not 'running' for ever
+    if sig == signal.SIGKILL:  # nothing in the process could say so: the run that took the output over did
+        assert killed["error"].startswith("abandoned: ") and resumed["id"] in killed["error"]
     assert len(summary["computed"]) == summary["units"] - len(summary["cached"])
     got, _ = load_output(str(output), tmp_path, None)
     assert_same(got, expected_merge((base, experts), MERGEKIT_TIES))

@@ -206,7 +206,7 @@ class Catalog:
     def start_run(
         self, *, recipe_name: str, method: str, parameters: dict, recipe_text: str, base_id: str | None,
         inputs: list[dict], code_version: str | None = None, flow_run_id: str | None = None,
-        trigger: str = "manual",
+        trigger: str = "manual", target_uri: str | None = None,
     ) -> str:
         """Open a merge run (status 'running'); inputs are [{'checkpoint_id', 'weight', 'parameters'}] in order.
 
@@ -223,16 +223,36 @@ class Catalog:
             ]
             con.execute(
                 "INSERT INTO runs (id, recipe_name, method, parameters, recipe_text, recipe_digest, base_id, "
-                "code_version, flow_run_id, trigger, status, started_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                "code_version, flow_run_id, trigger, status, started_at, target_uri) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                 [run_id, recipe_name, method, _json(parameters or {}), recipe_text,
                  hashlib.sha256(recipe_text.encode()).hexdigest(), base, code_version or current_code_version(),
                  flow_run_id, trigger,
-                 _now()],
+                 _now(), None if target_uri is None else _norm_uri(target_uri)],
             )
             if rows:
                 con.executemany("INSERT INTO run_inputs VALUES (?, ?, ?, ?, ?)", rows)
         return run_id
+
+    def begin_writing(self, run_id: str) -> list[str]:
+        """Record that run_id now holds its output's lock; fail the runs that held it before and
+        are still 'running' (their process died holding it: the lock is only free once they have
+        stopped). Returns their ids. Runs still waiting for the lock never held it and are left alone."""
+        with self._write() as con:
+            row = con.execute("SELECT target_uri FROM runs WHERE id = ? AND status = 'running'", [run_id]).fetchone()
+            if row is None:
+                raise CatalogError(f"no running merge run {run_id!r} in catalog {self.path}")
+            now = _now()
+            abandoned = [r[0] for r in con.execute(
+                "SELECT id FROM runs WHERE target_uri = ? AND status = 'running' AND writing_since IS NOT NULL "
+                "AND id <> ? ORDER BY started_at", [row[0], run_id]).fetchall()]
+            con.execute("UPDATE runs SET writing_since = ? WHERE id = ?", [now, run_id])
+            for rid in abandoned:
+                con.execute(
+                    "UPDATE runs SET status = 'failed', ended_at = ?, error = ? WHERE id = ?",
+                    [now, f"abandoned: its process stopped while writing {row[0]}; run {run_id} took the output over",
+                     rid])
+        return abandoned
 
     def finish_run(
         self, run_id: str, *, status: str, output_checkpoint_id: str | None = None, error: str | None = None,

@@ -47,15 +47,21 @@ UPDATE evaluations SET higher_is_better = NOT {_LOWER_SQL};
 
 # seen_at: when this identity was last found at its URI. A URI whose content returns to an
 # earlier identity (an expert reverted) makes that row its latest again; registered_at stays.
+# target_uri, writing_since: where a merge run publishes, and since when it holds that output's
+# lock. A run that took the lock over finds the earlier holders still 'running' (killed) and
+# fails them, instead of their staying 'running' for ever.
 V3 = """
 ALTER TABLE checkpoints ADD COLUMN seen_at TIMESTAMP;
 UPDATE checkpoints SET seen_at = registered_at;
+ALTER TABLE runs ADD COLUMN target_uri VARCHAR;
+ALTER TABLE runs ADD COLUMN writing_since TIMESTAMP;
+UPDATE runs SET target_uri = (SELECT uri FROM checkpoints c WHERE c.id = runs.output_id);
 """
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "checkpoints, runs, run_inputs, evaluations", V1),
     (2, "runs.timings; evaluations.higher_is_better (backfilled from the metric name)", V2),
-    (3, "checkpoints.seen_at (backfilled from registered_at)", V3),
+    (3, "checkpoints.seen_at (backfilled from registered_at); runs.target_uri, runs.writing_since", V3),
 ]
 LATEST = MIGRATIONS[-1][0]
 
