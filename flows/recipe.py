@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from merge_ops import get_method
+from merge_ops.merge import DTYPE_ALIASES
 from merge_ops.registry import check_weights, resolve_params
 from storage.uri import normalize
 
@@ -127,6 +128,7 @@ def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = No
     params, weights = _method_parameters(method, top, models, fail)
 
     out_dtype = data.get("out_dtype") or data.get("dtype")
+    out_dtype = DTYPE_ALIASES.get(out_dtype, out_dtype) if isinstance(out_dtype, str) else out_dtype
     if out_dtype is not None and out_dtype not in DTYPES:
         raise fail(f"dtype '{out_dtype}' not supported; use one of {', '.join(sorted(DTYPES))}")
     device = data.get("device", "auto")

@@ -154,11 +154,13 @@ def _check_tensors(experts, base, where: str) -> None:
             raise ValueError(f"{label}{where} contains NaN or Inf values")
 
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    dtype = getattr(torch, aliases.get(value, value), None)
+    dtype = getattr(torch, DTYPE_ALIASES.get(value, value), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"out_dtype must be a floating-point dtype such as bfloat16, float16, float32; got {value!r}")
     return dtype

@@ -47,6 +47,7 @@ def test_top_level_parameters_are_defaults_for_models():
 def test_linear_needs_no_base_and_out_dtype_wins_over_dtype():
     r = parse_recipe("merge_method: linear\nmodels: [a, b]\ndtype: float32\nout_dtype: bfloat16\n")
     assert r.base is None and r.out_dtype == "bfloat16" and r.parameters == {"normalize": True}
+    assert parse_recipe("merge_method: linear\nmodels: [a]\ndtype: bf16\n").out_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize(
