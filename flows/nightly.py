@@ -34,6 +34,11 @@ from .recipe import Recipe
 from .selection import ExpertScan, load_recipes, resolve_recipe
 
 
+class ProblemsFound(ValueError):
+    """A watcher or nightly run did all it could and fails listing what it could not do (recipes
+    that do not load, merges that failed): things a user fixes, so no traceback on the console."""
+
+
 def open_inputs(recipe: Recipe) -> tuple[Checkpoint | None, list[Checkpoint]]:
     """Base and experts of a concrete recipe, opened from their headers (identities pinned)."""
     uris = list(dict.fromkeys(([recipe.base] if recipe.base else []) + recipe.inputs))
@@ -182,7 +187,7 @@ def nightly_merge(
         results.append(result)
     summary = {"recipes": results, "errors": errors}
     if errors:
-        raise RuntimeError(f"nightly merge: {len(errors)} problem(s): " + "; ".join(errors))
+        raise ProblemsFound(f"nightly merge: {len(errors)} problem(s): " + "; ".join(errors))
     return summary
 
 

@@ -40,7 +40,7 @@ import storage
 from storage.catalog import Catalog
 from storage.errors import CheckpointError, StorageError
 
-from .nightly import merge_if_changed
+from .nightly import ProblemsFound, merge_if_changed
 from .selection import (
     ExpertScan,
     LandedExpert,
@@ -243,5 +243,5 @@ def watch_experts(
         "landed": landed, "merges": merges, "errors": errors,
     }
     if errors:
-        raise RuntimeError(f"watcher: {len(errors)} problem(s): " + "; ".join(errors))
+        raise ProblemsFound(f"watcher: {len(errors)} problem(s): " + "; ".join(errors))
     return summary

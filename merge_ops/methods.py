@@ -21,7 +21,7 @@ import torch
 
 from . import kernels
 from .dropout import _I32_POSITIONS, DropMask, stream_keys
-from .registry import Param, register
+from .registry import Param, register, sums_to_zero
 from .stream import RowStream
 from .topk import _SMALL, Bracket, RadixSelect, _kth_largest_select, keep_count, max_inside, sample_positions
 
@@ -136,7 +136,7 @@ def _disjoint_mean_(deltas: Sequence[torch.Tensor], weights: Sequence[float], no
 
 def _check_weight_sum(weights: Sequence[float], method: str) -> float:
     total = float(sum(weights))
-    if total == 0.0:
+    if sums_to_zero(weights):
         raise ValueError(f"weights {list(weights)} sum to zero; {method} with normalize=true divides by their sum")
     return total
 

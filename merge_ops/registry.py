@@ -119,9 +119,14 @@ def check_weights(method: Method, weights: Sequence[Any], params: dict[str, Any]
         raise ValueError(f"weights {list(weights)}: {method.name} elects signs, and a negative weight has no agreed "
                          "meaning there (mergekit divides by the signed sum of the agreeing weights, which can flip "
                          "the update); subtract a task vector with task_arithmetic instead")
-    if method.divides_by_weight_sum and params.get("normalize") and weights and float(sum(weights)) == 0.0:
+    if method.divides_by_weight_sum and params.get("normalize") and weights and sums_to_zero(weights):
         raise ValueError(f"weights {list(weights)} sum to zero; {method.name} with normalize: true divides "
                          "by their sum (set normalize: false, or change a weight)")
+
+
+def sums_to_zero(weights: Sequence[float]) -> bool:
+    """Zero, or a float residue of cancelling terms (0.1 + 0.2 - 0.3): dividing by it is not a merge."""
+    return abs(math.fsum(weights)) <= 1e-9 * math.fsum(abs(w) for w in weights)
 
 
 def _rescale_mode(value: Any) -> str:

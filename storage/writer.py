@@ -279,12 +279,15 @@ def _check_shards(staging: str, shards: list[ShardInfo]) -> tuple[dict[str, str]
 
 def check_output(output_uri: str, inputs: Iterable[str] = ()) -> str:
     """The output URI, normalised, if publishing there can replace nothing but an earlier mergeline
-    output: not one of the inputs, not a file, no folders inside, no files without mergeline.json.
+    output: not an input, inside one or holding one; not a file; no folders inside; no files
+    without mergeline.json.
     The plan calls this before any work; publish again, just before it replaces anything."""
     out = validate_output_uri(output_uri)
+    real = out if is_s3(out) else os.path.realpath(out)  # a symlink names the folder it points to
     for uri in map(normalize, inputs):
-        if uri == out or uri.startswith(out + "/"):
-            what = "is" if uri == out else "holds"
+        where = uri if is_s3(uri) else os.path.realpath(uri)
+        if where == real or where.startswith(real + "/") or real.startswith(where + "/"):
+            what = "is" if where == real else "holds" if where.startswith(real + "/") else "is inside"
             raise CheckpointError(f"output {out} {what} an input of this merge ({uri}); choose another output")
     if not is_s3(out) and os.path.lexists(out) and not os.path.isdir(out):
         raise CheckpointError(f"output {out} is a file, not a folder; refusing to replace it")

@@ -77,6 +77,8 @@ def test_linear_needs_no_base_and_out_dtype_wins_over_dtype():
         ("merge_method: dare_linear\nbase_model: b\nparameters: {normalize: true}\n"
          "models: [{model: x, parameters: {weight: 2}}, {model: y, parameters: {weight: -2}}]\n", "sum to zero"),
         ("merge_method: linear\nmerge_method: ties\nmodels: [x]\n", "key 'merge_method' is given twice"),
+        ("merge_method: linear\nmodels: [{model: x, parameters: {weight: 0.1}}, {model: y, parameters: {weight: 0.2}},"
+         " {model: z, parameters: {weight: -0.3}}]\n", "sum to zero"),  # 5.5e-17 in floats
         ("- just a list\n", "YAML mapping"),
         ("merge_method: [\n", "not valid YAML"),
     ],
@@ -106,3 +108,10 @@ def test_mergekit_options_of_every_task_arithmetic_method_are_accepted():
     assert r.parameters["int8_mask"] is True
     r = parse_recipe("merge_method: dare_linear\nbase_model: b\nmodels: [x]\nparameters: {normalize: true}\n")
     assert r.parameters["normalize"] is True
+
+
+def test_yaml_merge_keys_still_work_with_the_duplicate_key_check():
+    r = parse_recipe("merge_method: ties\nbase_model: b\nmodels:\n"
+                     "  - {model: x, parameters: &p {weight: 1, density: 0.5}}\n"
+                     "  - {model: y, parameters: {<<: *p, weight: 0.5}}\n")
+    assert r.weights == (1.0, 0.5) and r.parameters["density"] == [0.5, 0.5]

@@ -245,6 +245,11 @@ def test_an_output_that_is_or_holds_an_input_is_refused(tiny_llamas, tmp_path):
         storage.check_output(merged, [merged + "/"])
     with pytest.raises(CheckpointError, match="holds an input of this merge"):
         storage.check_output(str(tmp_path), [merged])
+    with pytest.raises(CheckpointError, match="is inside an input of this merge"):
+        storage.check_output(merged + "/sub", [merged])
+    (tmp_path / "link").symlink_to(merged)
+    with pytest.raises(CheckpointError, match="is an input of this merge"):
+        storage.check_output(merged, [str(tmp_path / "link")])
     assert storage.check_output(merged, [str(tiny_llamas["single"])]) == merged
 
 
