@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
     s = add("best", _best, "rank models on a task by their latest score")
     s.add_argument("--task", required=True)
     s.add_argument("--metric", help="needed when the task has several metrics")
-    s.add_argument("--split", choices=SPLITS)
+    s.add_argument("--split", metavar="{" + ",".join(SPLITS) + "}", help="the split (held_in is held-in)")
     s = add("runs", _runs, "merge runs, newest first")
     s.add_argument("--status", choices=STATUSES)
     s.add_argument("--recipe", help="only runs of this recipe name")

@@ -28,15 +28,22 @@ from .merge_flow import _transient
 
 
 def _score_key(ctx, params) -> str:
-    key = [params["identity"], params["tasks"], params["data_digests"], code_version()]
+    key = [params["identity"], params["tasks"], params["task_digests"], code_version()]
     return "evaluate-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def task_digests(suite_obj, data_digests: dict[str, str]) -> dict[str, str]:
+    """Per task, a digest of everything that decides its score: its definition (metric, split,
+    generation budget, stop strings, data URI) and its data's content."""
+    return {t.name: hashlib.sha256(f"{t!r}\0{data_digests[t.name]}".encode()).hexdigest() for t in suite_obj.tasks}
 
 
 @task(name="evaluate-model", task_run_name="evaluate-{label}", cache_key_fn=_score_key, persist_result=True,
       result_serializer="json", retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
-def score_model(label: str, uri: str, identity: str, suite: str, tasks: list[str], data_digests: dict[str, str],
+def score_model(label: str, uri: str, identity: str, suite: str, tasks: list[str], task_digests: dict[str, str],
                 device: str = "cpu", batch_size: int = 32) -> list[dict]:
-    """Absolute scores of one checkpoint (any URI) on the named tasks of a suite."""
+    """Absolute scores of one checkpoint (any URI) on the named tasks of a suite. task_digests
+    (definition and data of each task) are for the cache key: a task scored differently is a miss."""
     from transformers.utils import logging as hf_logging
 
     from evaluation import evaluate_checkpoint
@@ -66,18 +73,21 @@ def evaluate_flow(
     catalog = Catalog(catalog_path)
     suite_obj = load_suite(suite)
     digests = {d.task.name: d.digest for d in load_suite_data(suite_obj)}  # validates all data first
+    definitions = task_digests(suite_obj, digests)
     target = _checkpoint(catalog, model)
     base_uri = base or _base_of(catalog, target)
     held_out = [t.name for t in suite_obj.split(HELD_OUT)]
     if held_out and not base_uri:
-        raise ValueError(f"{model}: no base model to normalise held-out tasks by; pass base=URI")
+        raise ValueError(f"{model}: no base model to normalise held-out tasks by; give --base URI "
+                         "(in a recipe: base_model)")
     expert_uris = _experts_for(catalog, target, suite_obj, experts, suite)
     held_in = [t for name in expert_uris for t in suite_obj.experts()[name]]
     device = _device(device)
 
     def submit(label: str, ckpt: storage.Checkpoint, tasks: list[str]):
         return score_model.submit(label=label, uri=ckpt.uri, identity=ckpt.identity, suite=suite, tasks=tasks,
-                                  data_digests={t: digests[t] for t in tasks}, device=device, batch_size=batch_size)
+                                  task_digests={t: definitions[t] for t in tasks}, device=device,
+                                  batch_size=batch_size)
 
     target_ckpt = storage.open_checkpoint(target["uri"])
     futures = {"model": submit(target["label"], target_ckpt, [t for t in suite_obj.names() if t in held_in + held_out])}
@@ -151,7 +161,11 @@ def _experts_for(catalog: Catalog, target: dict, suite_obj, given: dict[str, str
     """
     named = suite_obj.experts()
     if given:
-        return {n: u for n, u in given.items() if n in named}
+        unknown = sorted(set(given) - set(named))
+        if unknown:
+            raise ValueError(f"suite {suite} has no tasks for expert(s) {', '.join(unknown)}; its experts are "
+                             f"{', '.join(sorted(named))}")
+        return dict(given)
     made = catalog.show(target["id"]).get("produced_by")
     if made:
         inputs = {_name(i["uri"]): i["uri"] for i in made["inputs"]}
@@ -163,7 +177,7 @@ def _uri_of(catalog: Catalog, expert: str, suite: str) -> str:
     found = catalog.find_checkpoint(expert)
     if found is None:
         raise ValueError(f"suite {suite} normalises by expert {expert!r}, which is not in catalog "
-                         f"{catalog.path}; pass experts={{'{expert}': URI}}")
+                         f"{catalog.path}; give --expert {expert}=URI (in a recipe: evaluate.experts)")
     return found["uri"]
 
 

@@ -88,13 +88,8 @@ def make_plan(recipe: Recipe) -> Plan:
     if not recipe.output:
         raise PlanError(f"{recipe.source}: no output URI; set 'output:' in the recipe or pass --output")
     output = validate_output_uri(recipe.output)
-    if recipe.evaluate:  # a suite that cannot load would fail the run after its model is published
-        from evaluation import load_suite
-
-        try:
-            load_suite(recipe.evaluate["suite"])
-        except (OSError, ValueError) as exc:
-            raise PlanError(f"{recipe.source}: evaluate: {exc}") from None
+    if recipe.evaluate:
+        _check_evaluation(recipe)
     uris = ([recipe.base] if recipe.base else []) + recipe.inputs
     opened, errors = _open_all(uris)
     if errors:
@@ -127,6 +122,30 @@ def make_plan(recipe: Recipe) -> Plan:
             )
         )
     return Plan(recipe, output, base, experts, units, out_dtypes, notes, resolve_device(recipe.device))
+
+
+def _check_evaluation(recipe: Recipe) -> None:
+    """What the evaluation after the merge needs, checked before it: otherwise the model is
+    published, the run recorded as succeeded, and only then does the evaluation fail."""
+    from evaluation import HELD_OUT, load_suite
+
+    where = f"{recipe.source}: evaluate"
+    try:
+        suite = load_suite(recipe.evaluate["suite"])
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"{where}: {exc}") from None
+    if suite.split(HELD_OUT) and not recipe.base:
+        raise PlanError(f"{where}: suite {suite.name} has held-out tasks, which are normalised by the base "
+                        "model; set base_model")
+    unknown = sorted(set(recipe.evaluate["experts"]) - set(suite.experts()))
+    if unknown:
+        raise PlanError(f"{where}: suite {suite.name} has no tasks for expert(s) {', '.join(unknown)}; its experts "
+                        f"are {', '.join(sorted(suite.experts()))}")
+    for name, uri in recipe.evaluate["experts"].items():
+        try:
+            open_checkpoint(uri)
+        except (CheckpointError, OSError) as exc:
+            raise PlanError(f"{where}: expert {name}: {exc}") from None
 
 
 def _open_all(uris: list[str]) -> tuple[dict[str, Checkpoint], list[str]]:

@@ -4,10 +4,15 @@ the recorded absolute scores of the references."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from rich.console import Console
 
+from evaluation.evaluate import load_suite_data
+from evaluation.suites import Suite, load_suite
 from flows.demo import run_demo
+from flows.evaluate_flow import task_digests
 from storage.catalog import Catalog
 
 
@@ -60,3 +65,17 @@ def test_recorded_normalisation_matches_recorded_reference_scores(demo):
     result = summary["results"][("ties", 2)]
     defined = [r["normalized_value"] for r in merged if r["split"] == "held-out" and r["normalized_value"] is not None]
     assert result["held_out"] == pytest.approx(sum(defined) / len(defined))
+
+
+
+def test_a_task_defined_differently_is_a_different_evaluation_cache_entry(demo):
+    """Scores are cached per checkpoint and task: a task whose definition changed (its generation
+    budget here) must miss the cache, and only that task."""
+    work, _ = demo
+    suite = load_suite(work / "zoo" / "suite.yaml")
+    data = {d.task.name: d.digest for d in load_suite_data(suite)}
+    short = Suite(suite.name, tuple(dataclasses.replace(t, max_new_tokens=1) if t.name == "copy" else t
+                                    for t in suite.tasks))
+    before, after = task_digests(suite, data), task_digests(short, data)
+    assert before == task_digests(load_suite(work / "zoo" / "suite.yaml"), data)
+    assert [t for t in before if before[t] != after[t]] == ["copy"]

@@ -452,6 +452,28 @@ def test_a_recipe_whose_evaluation_suite_is_missing_fails_at_plan(zoo, tmp_path,
     assert "evaluate: suite file not found" in err and "no-suite.yaml" in err
 
 
+def test_what_the_evaluation_needs_is_checked_at_plan(zoo, tmp_path, capsys):
+    """Otherwise the model is published and recorded as a success, and only then does its
+    evaluation fail (and an unchanged nightly would never evaluate it)."""
+    base, experts = zoo
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (tmp_path / "suite.yaml").write_text(
+        "name: s\ntasks:\n  - {name: t, metric: exact_match, data: t.jsonl, split: held-in, expert: math}\n"
+        "  - {name: u, metric: exact_match, data: t.jsonl, split: held-out}\n")
+    cases = {
+        "linear with no base": (f"merge_method: linear\nmodels: [{experts[0]}, {experts[1]}]\n"
+                                f"evaluate: {tmp_path / 'suite.yaml'}\n", "held-out tasks"),
+        "unknown expert": (MERGEKIT_TIES + f"evaluate: {{{{suite: {tmp_path / 'suite.yaml'}, experts: {{{{code: {experts[0]}}}}}}}}}\n",
+                           "no tasks for expert(s) code"),
+        "missing expert": (MERGEKIT_TIES + f"evaluate: {{{{suite: {tmp_path / 'suite.yaml'}, experts: {{{{math: {tmp_path}/nope}}}}}}}}\n",
+                           "expert math:"),
+    }
+    for name, (text, message) in cases.items():
+        recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts], text)
+        assert cli(["plan", str(recipe), "--output", str(tmp_path / "m")]) == 2, name
+        assert message in capsys.readouterr().err, name
+
+
 def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
     import json
 
