@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 import storage
+from evaluation.zoo_tasks import DEFAULT_HELD_IN
 from storage import s3
 
 from .cli import prefect_defaults, watched_run
@@ -47,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     prefect_defaults()
     methods = [m for m in args.methods.split(",") if m]
-    sizes = [int(n) for n in args.sizes.split(",") if n]
     unknown = [m for m in methods if m not in METHOD_PARAMETERS]
-    if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {sorted(METHOD_PARAMETERS)}")
+    if unknown or not methods:
+        p.error(f"--methods: unknown method(s) {unknown}; choose from {sorted(METHOD_PARAMETERS)}")
+    sizes, most = [n for n in args.sizes.split(",") if n], len(DEFAULT_HELD_IN)  # the zoo's experts
+    if not sizes or not all(n.isdigit() and 2 <= int(n) <= most for n in sizes):
+        p.error(f"--sizes: comma-separated numbers of experts from 2 to {most}, got {args.sizes!r}")
+    sizes = [int(n) for n in sizes]
     work = Path(args.workdir).resolve()
     console = Console()
     t0 = time.perf_counter()
@@ -104,7 +108,9 @@ def run_demo(work: Path, bucket: str, methods: list[str], sizes: list[int], cons
     prefix = f"s3://{bucket}/zoo"
     _upload_zoo(zoo_dir, bucket, console)
     experts = list(manifest["experts"])
-    sizes = [n for n in sizes if n <= len(experts)]
+    sizes = [n for n in sizes if n <= len(experts)]  # a reduced zoo (the tests') has fewer experts
+    if not sizes:
+        raise ValueError(f"the zoo has {len(experts)} experts, fewer than every size asked for")
     catalog = str(work / "catalog.duckdb")
     console.print(f"catalog: {catalog}")
 

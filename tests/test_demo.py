@@ -11,7 +11,7 @@ from rich.console import Console
 
 from evaluation.evaluate import load_suite_data
 from evaluation.suites import Suite, load_suite
-from flows.demo import run_demo
+from flows.demo import main, run_demo
 from flows.evaluate_flow import task_digests
 from storage.catalog import Catalog
 
@@ -79,3 +79,11 @@ def test_a_task_defined_differently_is_a_different_evaluation_cache_entry(demo):
     before, after = task_digests(suite, data), task_digests(short, data)
     assert before == task_digests(load_suite(work / "zoo" / "suite.yaml"), data)
     assert [t for t in before if before[t] != after[t]] == ["copy"]
+
+
+@pytest.mark.parametrize("args, message", [(["--sizes", "16"], "--sizes"), (["--sizes", "abc"], "--sizes"),
+                                           (["--methods", ","], "--methods"), (["--methods", "slerp"], "slerp")])
+def test_bad_demo_options_are_usage_errors_before_any_work(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--workdir", str(tmp_path / "demo")])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "demo").exists()
