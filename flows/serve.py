@@ -170,7 +170,22 @@ def _absolute(location: str) -> str:
     return location if "://" in location else os.path.abspath(os.path.expanduser(location))
 
 
+def _check_something_to_watch(args) -> None:
+    """What every watcher scan would fail on, said once at start-up instead; recipes that do not
+    load are reported (the scans load the recipes again each time, so they may be fixed later)."""
+    from .selection import load_recipes, watched_prefixes
+
+    recipes = [_absolute(r) for r in args.recipes]
+    loaded, errors = load_recipes(recipes)
+    for e in errors:
+        print(f"mergeline serve: recipe not loaded: {e}", file=sys.stderr)
+    if not watched_prefixes([_absolute(e) for e in args.experts or []], loaded):
+        raise ValueError("nothing to watch: no loaded recipe selects experts with models_from; give --experts "
+                         "PREFIX, or fix the recipes above")
+
+
 def _serve(args) -> int:
+    _check_something_to_watch(args)
     deployments = build_deployments(
         [_absolute(r) for r in args.recipes], experts=[_absolute(e) for e in args.experts or []],
         catalog_path=_absolute(args.catalog) if args.catalog else None, watch_every=args.watch_every,

@@ -136,12 +136,16 @@ def test_serve_runs_the_same_deployments_as_prefect_yaml(capsys, tmp_path):
     assert watcher.parameters["merge_deployment"] == "merge/merge"
     assert watcher.schedules[0].schedule.interval.total_seconds() == deployments()["watcher"]["schedules"][0]["interval"]
 
-    assert main(["serve", "--recipes", str(tmp_path), "--dry-run"]) == 0
+    watch = ["--experts", "s3://models/experts"]
+    assert main(["serve", "--recipes", str(tmp_path), *watch, "--dry-run"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {d["name"] for d in listed} == set(served)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        assert main(["serve", "--recipes", str(tmp_path)]) == 2            # no server: a hint, not a hang
+        assert main(["serve", "--recipes", str(tmp_path), *watch]) == 2            # no server: a hint, not a hang
     assert "--start-server" in capsys.readouterr().err
+    assert main(["serve", "--recipes", str(tmp_path / "missing"), "--dry-run"]) == 2  # every scan would fail
+    err = capsys.readouterr().err
+    assert "recipe not loaded" in err and "nothing to watch" in err
 
 
 # -- images, compose, Kubernetes -------------------------------------------------------------------

@@ -69,7 +69,8 @@ def test_serve_creates_the_automation_before_serving(prefect_api, tmp_path):
         for a in _automations(client):
             client.delete_automation(a.id)
         env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--recipes", str(tmp_path)], env=env,
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--recipes", str(tmp_path),
+                                  "--experts", str(tmp_path / "experts")], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 120
