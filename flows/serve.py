@@ -114,7 +114,10 @@ def build_deployments(
     if runner.get("runner") == "dask":   # the merge deployment runs its layers in threads; Dask means in-process
         merge_in_process = True
     module = EntrypointType.MODULE_PATH  # importable wherever mergeline is installed, whatever the cwd
+    # A scan overlapping the last one is dropped (the next comes a minute later); a nightly merge
+    # started while one runs waits its turn (infra/prefect.yaml says the same).
     one_at_a_time = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+    queued = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
     deployments = [
         merge_flow.to_deployment(
             "merge", entrypoint_type=module, tags=["mergeline"],
@@ -128,7 +131,7 @@ def build_deployments(
             description="Register newly landed experts, emit mergeline.expert.landed, merge the recipes selecting them.",
         ),
         nightly_merge.to_deployment(
-            "nightly", entrypoint_type=module, tags=["mergeline"], concurrency_limit=one_at_a_time,
+            "nightly", entrypoint_type=module, tags=["mergeline"], concurrency_limit=queued,
             schedules=[Cron(nightly_cron, timezone="UTC")],
             parameters={"recipes": recipes, "catalog_path": catalog_path, **runner},
             description="Merge every recipe over the current experts; unchanged inputs are recorded as skipped.",

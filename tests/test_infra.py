@@ -134,6 +134,10 @@ def test_serve_runs_the_same_deployments_as_prefect_yaml(capsys, tmp_path):
     assert (nightly.cron, nightly.timezone) == ("0 2 * * *", "UTC")
     watcher = served["watch-experts/watcher"]
     assert watcher.parameters["merge_deployment"] == "merge/merge"
+    for key, name in (("watch-experts/watcher", "watcher"), ("nightly-merge/nightly", "nightly")):
+        d, want = served[key], deployments()[name]["concurrency_limit"]
+        got = (d.concurrency_limit, d.concurrency_options.collision_strategy.value)
+        assert got == (want["limit"], want["collision_strategy"]), key
     assert watcher.schedules[0].schedule.interval.total_seconds() == deployments()["watcher"]["schedules"][0]["interval"]
 
     watch = ["--experts", "s3://models/experts"]
