@@ -192,6 +192,8 @@ def _count(scores: list[TaskScore], task: str) -> int:
 def _device(device: str) -> str:
     import torch
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device here (use --device auto or cpu)")
     return "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 

@@ -474,6 +474,19 @@ def test_what_the_evaluation_needs_is_checked_at_plan(zoo, tmp_path, capsys):
         assert message in capsys.readouterr().err, name
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA device")
+def test_eval_names_a_misspelt_expert_and_an_absent_gpu(prefect_api, zoo, tmp_path, capsys):
+    base, experts = zoo
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: s\ntasks:\n  - {name: t, metric: exact_match, data: t.jsonl, split: held-in, expert: math}\n")
+    common = ["eval", str(experts[1]), "--suite", str(suite), "--catalog", str(tmp_path / "c.duckdb")]
+    assert cli([*common, "--expert", f"maths={experts[0]}"]) == 2
+    assert "no tasks for expert(s) maths; its experts are math" in capsys.readouterr().err
+    assert cli([*common, "--expert", f"math={experts[0]}", "--device", "cuda"]) == 2
+    assert "--device cuda, but torch sees no CUDA device" in capsys.readouterr().err
+
+
 def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
     import json
 
