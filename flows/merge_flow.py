@@ -269,6 +269,29 @@ def _name_of(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1] or uri
 
 
+def _check_scheduler(address: str, timeout: float = 15.0) -> None:
+    """A Dask comm handshake with `address`, bounded: a port that answers but is not a Dask
+    scheduler (a web server) would otherwise hang the merge at its start, past Dask's own timeout."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    try:
+        asyncio.get_running_loop()
+        return  # called from async code: Prefect's own connection attempt has to do
+    except RuntimeError:
+        pass
+    try:
+        asyncio.run(probe())
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ValueError(f"no Dask scheduler answered at {address} within {timeout:.0f} s "
+                         f"({type(exc).__name__}: {exc}); check --address") from None
+
+
 def run_merge(
     recipe: Recipe,
     *,
@@ -284,6 +307,7 @@ def run_merge(
             raise ValueError("--runner dask needs --address tcp://HOST:PORT of a running Dask scheduler")
         from prefect_dask import DaskTaskRunner
 
+        _check_scheduler(address)
         task_runner = DaskTaskRunner(address=address)
     elif runner == "threads":
         task_runner = ThreadPoolTaskRunner(max_workers=workers)

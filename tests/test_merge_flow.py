@@ -389,6 +389,21 @@ def test_dask_cluster_gives_identical_output(prefect_api, zoo, s3_zoo, s3_env, b
     assert storage.ReadCache(tmp_path / "cache", 10**9).size_bytes() >= tensor_bytes  # the workers' downloads
 
 
+def test_a_dask_address_that_is_not_a_scheduler_fails_fast(zoo, tmp_path):
+    """A port that accepts connections but never speaks Dask (a web server, a typo'd port) hung
+    the merge at its start; now the handshake is bounded and the error names the address."""
+    import socket
+
+    from flows.merge_flow import _check_scheduler
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(ValueError, match=f"no Dask scheduler answered at {address} within 2 s"):
+            _check_scheduler(address, timeout=2)  # unbounded, this never returned
+
+
 def test_invalid_inputs_fail_before_any_task(prefect_api, zoo, tmp_path, capsys):
     base, experts = zoo
     other, _ = tiny_llama_zoo(tmp_path / "other", n_experts=0, layers=2)  # one layer fewer
