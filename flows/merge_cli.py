@@ -103,11 +103,21 @@ def _pass_source(sources) -> str:
     return "; from S3 on every pass: set MERGELINE_CACHE_DIR to download each range once"
 
 
+def runner_options(args) -> dict:
+    """--runner, --address and --workers, checked together before any work."""
+    if args.runner == "dask" and not args.address:
+        raise ValueError("--runner dask needs --address tcp://HOST:PORT of a running Dask scheduler")
+    if args.runner == "threads" and args.address:
+        raise ValueError("--address is for --runner dask; add --runner dask, or drop --address")
+    return {"runner": args.runner, "address": args.address, "workers": args.workers}
+
+
 def _merge(args) -> int:
     from . import merge_flow
     from .cli import watched_run
     from .recipe import load_recipe
 
+    runner = runner_options(args)
     recipe = load_recipe(args.recipe, output=args.output)
     console = Console(stderr=True)
     progress = Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -120,8 +130,7 @@ def _merge(args) -> int:
     merge_flow.progress_listeners.append(on_unit)
     try:
         with progress, watched_run():
-            summary = merge_flow.run_merge(recipe, runner=args.runner, address=args.address, workers=args.workers,
-                                           catalog_path=args.catalog, trigger=args.trigger)
+            summary = merge_flow.run_merge(recipe, **runner, catalog_path=args.catalog, trigger=args.trigger)
     finally:
         merge_flow.progress_listeners.remove(on_unit)
     if args.json:

@@ -45,10 +45,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, metavar="N", help="threads per merge with --runner threads")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return seconds
+
+
 def _runner(args) -> dict:
-    if args.runner == "dask" and not args.address:
-        raise ValueError("--runner dask needs --address tcp://HOST:PORT of a running Dask scheduler")
-    return {"runner": args.runner, "address": args.address, "workers": args.workers}
+    from .merge_cli import runner_options
+
+    return runner_options(args)
 
 
 def add_parser(sub) -> None:
@@ -62,7 +72,7 @@ def add_parser(sub) -> None:
     _common(p)
     p.add_argument("--experts", action="append", metavar="PREFIX",
                    help="experts prefix to watch (repeatable; the recipes' models_from prefixes are always watched)")
-    p.add_argument("--watch-every", type=float, default=WATCH_EVERY_S, metavar="SECONDS",
+    p.add_argument("--watch-every", type=_positive_seconds, default=WATCH_EVERY_S, metavar="SECONDS",
                    help=f"seconds between watcher scans (default: {WATCH_EVERY_S})")
     p.add_argument("--nightly-cron", default=NIGHTLY_CRON, metavar="CRON",
                    help=f"nightly merge schedule, UTC (default: '{NIGHTLY_CRON}')")

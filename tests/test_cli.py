@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from flows.cli import main
 from storage.catalog import Catalog
 
 
@@ -80,3 +83,21 @@ def test_a_merge_on_prefects_ephemeral_api_ends_cleanly(tmp_path):
     assert f"published {tmp_path / 'out'}" in r.stdout
     assert "Stopping temporary server" in r.stderr  # the ephemeral API was the one used
     assert "Error logging to API" not in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["merge", "r.yaml", "--runner", "dask"], "--runner dask needs --address"),
+    (["merge", "r.yaml", "--address", "tcp://scheduler:8786"], "--address is for --runner dask"),
+    (["watch", "--recipes", "r/", "--address", "tcp://scheduler:8786"], "--address is for --runner dask"),
+])
+def test_runner_options_are_checked_before_anything_runs(args, message, capsys):
+    """Before the recipe is read (r.yaml does not exist) and before any progress bar is drawn."""
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mergeline: error: {message}"), err
+
+
+def test_serve_watch_every_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--recipes", "r/", "--watch-every", "0"])
+    assert exit_.value.code == 2 and "--watch-every: expected a number of seconds above 0" in capsys.readouterr().err
