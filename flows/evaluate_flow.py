@@ -142,10 +142,19 @@ def _checkpoint(catalog: Catalog, ref: str) -> dict:
         if not (ref.startswith("s3://") or "/" in ref):
             raise ValueError(f"no model {ref!r} in catalog {catalog.path}; give its URI")
         ckpt = storage.open_checkpoint(ref)
-        catalog.register_checkpoint(ckpt.uri, kind="expert", name=_name(ckpt.uri), identity=ckpt.identity,
+        kind = "merged" if _written_by_mergeline(ckpt) else "expert"
+        catalog.register_checkpoint(ckpt.uri, kind=kind, name=_name(ckpt.uri), identity=ckpt.identity,
                                     model_type=ckpt.model_type, param_count=ckpt.param_count)
         found = catalog.find_checkpoint(ckpt.uri)
     return found
+
+
+def _written_by_mergeline(ckpt: storage.Checkpoint) -> bool:
+    try:
+        ckpt.read_bytes(storage.SIDECAR_NAME)
+    except storage.CheckpointError:
+        return False
+    return True
 
 
 def _base_of(catalog: Catalog, target: dict) -> str | None:

@@ -490,7 +490,7 @@ def test_what_the_evaluation_needs_is_checked_at_plan(zoo, tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA device")
-def test_eval_names_a_misspelt_expert_and_an_absent_gpu(prefect_api, zoo, tmp_path, capsys):
+def test_eval_names_a_misspelt_expert_and_an_absent_gpu_and_knows_a_merged_model(prefect_api, zoo, tmp_path, capsys):
     base, experts = zoo
     (tmp_path / "t.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
     suite = tmp_path / "suite.yaml"
@@ -500,6 +500,14 @@ def test_eval_names_a_misspelt_expert_and_an_absent_gpu(prefect_api, zoo, tmp_pa
     assert "no tasks for expert(s) maths; its experts are math" in capsys.readouterr().err
     assert cli([*common, "--expert", f"math={experts[0]}", "--device", "cuda"]) == 2
     assert "--device cuda, but torch sees no CUDA device" in capsys.readouterr().err
+    assert Catalog(tmp_path / "c.duckdb").find_checkpoint(str(experts[1]))["kind"] == "expert"
+
+    # a model mergeline wrote, evaluated before any catalog knew it, is registered as merged
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    merged = run_merge(load_recipe(recipe, output=str(tmp_path / "m")), catalog_path=str(tmp_path / "other.duckdb"))
+    fresh = ["--suite", str(suite), "--catalog", str(tmp_path / "fresh.duckdb"), "--expert", f"maths={experts[0]}"]
+    assert cli(["eval", merged["output"], *fresh]) == 2
+    assert Catalog(tmp_path / "fresh.duckdb").find_checkpoint(merged["output"])["kind"] == "merged"
 
 
 def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
