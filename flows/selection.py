@@ -276,15 +276,16 @@ def load_recipes(spec: str | list[str] | None) -> tuple[list[Recipe], list[str]]
             except (CheckpointError, StorageError, UnicodeDecodeError, ValueError) as exc:
                 errors.append(f"{source}: {exc}" if source not in str(exc) else str(exc))
                 continue
+            output = _normalized(recipe.output)
             if not recipe.output:
                 errors.append(f"{source}: a scheduled recipe needs 'output:' (where to publish the model)")
             elif recipe.name in names:
                 errors.append(f"{source}: recipe name {recipe.name!r} is also used by {names[recipe.name]}")
-            elif _normalized(recipe.output) in outputs:  # each would replace the other's model every night
-                errors.append(f"{source}: output {recipe.output} is also the output of {outputs[_normalized(recipe.output)]}")
+            elif output is not None and output in outputs:  # each would replace the other's model every night
+                errors.append(f"{source}: output {recipe.output} is also the output of {outputs[output]}")
             else:
                 names[recipe.name] = source
-                outputs[_normalized(recipe.output)] = source
+                outputs[output] = source
                 recipes.append(recipe)
     cyclic = _in_cycles(recipes)
     errors += [f"{r.source}: in the recipes {cyclic[r.name]}, each merges the output of the one before it, so "

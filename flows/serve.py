@@ -19,6 +19,8 @@ import time
 import urllib.request
 from datetime import timedelta
 
+from .merge_cli import runner_options
+
 WATCH_EVERY_S = 60
 NIGHTLY_CRON = "0 2 * * *"                # UTC
 MERGE_DEPLOYMENT = "merge/merge"          # "<flow name>/<deployment name>", as in infra/prefect.yaml
@@ -53,12 +55,6 @@ def _positive_seconds(text: str) -> float:
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
     return seconds
-
-
-def _runner(args) -> dict:
-    from .merge_cli import runner_options
-
-    return runner_options(args)
 
 
 def add_parser(sub) -> None:
@@ -202,7 +198,7 @@ def _serve(args) -> int:
     deployments = build_deployments(
         [_absolute(r) for r in args.recipes], experts=[_absolute(e) for e in args.experts or []],
         catalog_path=_absolute(args.catalog) if args.catalog else None, watch_every=args.watch_every,
-        nightly_cron=args.nightly_cron, merge_in_process=args.merge_in_process, runner=_runner(args),
+        nightly_cron=args.nightly_cron, merge_in_process=args.merge_in_process, runner=runner_options(args),
     )
     if args.dry_run:
         print(json.dumps(describe(deployments), indent=2, default=str))
@@ -291,7 +287,7 @@ def _watch(args) -> int:
 
     with watched_run():
         summary = _result(watch_experts(recipes=args.recipes, experts=args.experts, catalog_path=args.catalog,
-                                        **_runner(args), return_state=True))
+                                        **runner_options(args), return_state=True))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0
@@ -311,7 +307,7 @@ def _nightly(args) -> int:
     from .nightly import nightly_merge
 
     with watched_run():
-        summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, **_runner(args),
+        summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, **runner_options(args),
                                         return_state=True))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))

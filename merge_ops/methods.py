@@ -21,7 +21,7 @@ import torch
 
 from . import kernels
 from .dropout import _I32_POSITIONS, DropMask, stream_keys
-from .registry import Param, register, sums_to_zero
+from .registry import Param, register
 from .stream import RowStream
 from .topk import _SMALL, Bracket, RadixSelect, _kth_largest_select, keep_count, max_inside, sample_positions
 
@@ -134,11 +134,9 @@ def _disjoint_mean_(deltas: Sequence[torch.Tensor], weights: Sequence[float], no
     return num.mul_(sign)
 
 
-def _check_weight_sum(weights: Sequence[float], method: str) -> float:
-    total = float(sum(weights))
-    if sums_to_zero(weights):
-        raise ValueError(f"weights {list(weights)} sum to zero; {method} with normalize=true divides by their sum")
-    return total
+def _weight_sum(weights: Sequence[float]) -> float:
+    """What normalize: true divides by; registry.check_weights has refused a sum of (about) zero."""
+    return float(sum(weights))
 
 
 @register(
@@ -149,7 +147,7 @@ def _check_weight_sum(weights: Sequence[float], method: str) -> float:
     divides_by_weight_sum=True,
 )
 def linear(experts, base, weights, params, seed, name) -> Kernel:
-    scale = 1.0 / _check_weight_sum(weights, "linear") if params["normalize"] else 1.0
+    scale = 1.0 / _weight_sum(weights) if params["normalize"] else 1.0
     scratch = _Scratch(experts[0].device)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
@@ -177,7 +175,7 @@ def linear(experts, base, weights, params, seed, name) -> Kernel:
 def task_arithmetic(experts, base, weights, params, seed, name) -> Kernel:
     scale = params["lambda"]
     if params["normalize"]:
-        scale /= _check_weight_sum(weights, "task_arithmetic")
+        scale /= _weight_sum(weights)
     scratch = _Scratch(base.device)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
@@ -449,7 +447,7 @@ def dare_linear(experts, base, weights, params, seed, name) -> Kernel:
     dare = _Dare(experts, base, params, seed, name)
     lam = params["lambda"]
     if params["normalize"]:
-        lam /= _check_weight_sum(weights, "dare_linear")
+        lam /= _weight_sum(weights)
 
     def kernel(start: int, stop: int) -> torch.Tensor:
         m = stop - start

@@ -243,16 +243,13 @@ class Catalog:
             if row is None:
                 raise CatalogError(f"no running merge run {run_id!r} in catalog {self.path}")
             now = _now()
-            abandoned = [r[0] for r in con.execute(
-                "SELECT id FROM runs WHERE target_uri = ? AND status = 'running' AND writing_since IS NOT NULL "
-                "AND id <> ? ORDER BY started_at", [row[0], run_id]).fetchall()]
+            abandoned = con.execute(
+                "UPDATE runs SET status = 'failed', ended_at = ?, error = ? WHERE target_uri = ? AND status = 'running' "
+                "AND writing_since IS NOT NULL AND id <> ? RETURNING id",
+                [now, f"abandoned: its process stopped while writing {row[0]}; run {run_id} took the output over",
+                 row[0], run_id]).fetchall()
             con.execute("UPDATE runs SET writing_since = ? WHERE id = ?", [now, run_id])
-            for rid in abandoned:
-                con.execute(
-                    "UPDATE runs SET status = 'failed', ended_at = ?, error = ? WHERE id = ?",
-                    [now, f"abandoned: its process stopped while writing {row[0]}; run {run_id} took the output over",
-                     rid])
-        return abandoned
+        return sorted(r[0] for r in abandoned)
 
     def finish_run(
         self, run_id: str, *, status: str, output_checkpoint_id: str | None = None, error: str | None = None,
