@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import threading
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -313,15 +312,16 @@ def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu, writer:
     """One tensor merged whole and written: on the CPU from host tensors, its rows written a block
     at a time; on a GPU from _read_to_gpu's copies, the result coming back in pinned memory."""
     out_dtype = dict((n, d) for n, d, _ in job.specs)[name]
-    kw = dict(weights=list(job.weights), seed=job.seed, name=name, out_dtype=out_dtype, **job.parameters)
+    kw = dict(weights=list(job.weights), seed=job.seed, name=name, out_dtype=out_dtype, labels=_labels(job),
+              **job.parameters)
     tensors = inputs.tensors if isinstance(inputs, _OnGpu) else inputs
     experts = tensors[: len(job.experts)]
     base = tensors[len(job.experts)] if job.base else None
     if job.device == "cpu":
-        with _merge_thread_count(), _inputs_named(job):
+        with _merge_thread_count():
             merge_tensors(job.method, experts, base, write=lambda rows: writer.write(name, rows), **kw)
         return
-    with _gpu_slot(job.device), _inputs_named(job):  # one merge at a time per GPU: tasks sharing a worker never fight over it
+    with _gpu_slot(job.device):  # one merge at a time per GPU: tasks sharing a worker never fight over it
         stream = torch.cuda.current_stream(job.device)
         stream.wait_event(inputs.ready)
         for t in tensors:  # made on the copy stream: not to be reused before this stream is done with them
@@ -333,33 +333,23 @@ def _merge(job: UnitJob, name: str, inputs: list[torch.Tensor] | _OnGpu, writer:
     writer.write(name, host)
 
 
-@contextmanager
-def _inputs_named(job: UnitJob):
-    """merge_ops knows its inputs as "expert 1" and "the base"; the user knows them by URI."""
-    try:
-        yield
-    except ValueError as exc:
-        msg = str(exc)
-        named = [f"expert {i} is {job.experts[i].uri}" for i in sorted({int(i) for i in re.findall(r"\bexpert (\d+)", msg)})
-                 if i < len(job.experts) and job.experts[i].uri not in msg]
-        named += [f"the base is {job.base.uri}"] if job.base and "the base" in msg and job.base.uri not in msg else []
-        if not named:
-            raise
-        raise ValueError(f"{msg} ({'; '.join(named)})") from exc
+def _labels(job: UnitJob) -> list[str]:
+    """The job's inputs as the user knows them, for merge_ops' errors: experts, then the base."""
+    return ([f"expert {i} ({c.uri})" for i, c in enumerate(job.experts)]
+            + ([f"the base ({job.base.uri})"] if job.base else []))
 
 
 def _merge_streamed(job: UnitJob, name: str, rows: int, writer: ShardWriter, read_ahead: Executor) -> None:
     """Merge a tensor too large to hold whole, `rows` rows of every input at a time."""
     out_dtype = dict((n, d) for n, d, _ in job.specs)[name]
-    labels = [f"expert {i} ({c.uri})" for i, c in enumerate(job.experts)]
-    labels += [f"the base ({job.base.uri})"] if job.base else []
+    labels = _labels(job)
     streams = [RowStream(c.tensors[name].shape, c.tensors[name].torch_dtype,
                          lambda r0, r1, out, c=c: c.read_tensor(name, (r0, r1), out), rows,
                          f"{label}, tensor {name!r}", job.device, read_ahead, fills=True)
                for c, label in zip(job.sources, labels, strict=True)]
     experts, base = streams[: len(job.experts)], (streams[-1] if job.base else None)
     with _merge_thread_count() if job.device == "cpu" else _gpu_slot(job.device):
-        merge_stream(job.method, experts, base, write=lambda block: writer.write(name, block),
+        merge_stream(job.method, experts, base, write=lambda block: writer.write(name, block), labels=labels,
                      weights=list(job.weights), seed=job.seed, name=name, out_dtype=out_dtype, **job.parameters)
 
 

@@ -25,6 +25,7 @@ def merge_tensors(
     out_dtype: torch.dtype | str | None = None,
     chunk_size: int | None | str = "auto",
     write: Callable[[torch.Tensor], None] | None = None,
+    labels: Sequence[str] | None = None,
     **params,
 ) -> torch.Tensor | None:
     """Merge one tensor across experts with `method` (see merge_ops.METHODS).
@@ -38,11 +39,14 @@ def merge_tensors(
     With `write`, the merged tensor is never made whole: its rows go to write(rows), a block of
     about 4 MiB at a time, in order, and merge_tensors returns None. Half of the page faults left
     in a linear merge of the benchmark model were its fresh output tensors.
+
+    `labels` names the experts, then the base if one is given, in error messages (a caller
+    knows them by file or URI; the default is "expert 0", ..., "the base").
     """
     if chunk_size not in ("auto", None) and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive number of elements, got {chunk_size}")
     dtype = _dtype(out_dtype)
-    kernel, reference = _prepare(method, experts, base, weights, seed, name, params)
+    kernel, reference = _prepare(method, experts, base, weights, seed, name, params, labels)
     dtype, shape, n = dtype or reference.dtype, reference.shape, reference.numel()
     step = n if chunk_size is None else default_chunk(reference.device) if chunk_size == "auto" else chunk_size
     step = max(step, 1)
@@ -91,12 +95,13 @@ def merge_stream(
     seed: int = 0,
     name: str = "",
     out_dtype: torch.dtype | str | None = None,
+    labels: Sequence[str] | None = None,
     **params,
 ) -> None:
     """merge_tensors for inputs read a window of rows at a time (see merge_ops.stream): calls
     `write` with the merged rows, one window at a time, in order. Same bits as merge_tensors."""
     dtype = _dtype(out_dtype)
-    kernel, reference = _prepare(method, experts, base, weights, seed, name, params)
+    kernel, reference = _prepare(method, experts, base, weights, seed, name, params, labels)
     block = torch.empty(reference.window_rows * reference.row, dtype=dtype or reference.dtype, device=reference.device)
     _write_blocks(kernel, reference.numel(), default_chunk(reference.device), reference.shape, block, write)
 
@@ -117,37 +122,46 @@ def _write_blocks(kernel, n: int, step: int, shape, block: torch.Tensor, write) 
                 filled = 0
 
 
-def _prepare(method, experts, base, weights, seed, name, params):
+def _prepare(method, experts, base, weights, seed, name, params, labels):
     """Validate a merge's inputs and parameters; the method's kernel and the reference input."""
+    labels = _labels(labels, len(experts), base is not None)
     spec = get_method(method)
     where = f" (tensor {name!r})" if name else ""
     if len(experts) == 0:
         raise ValueError(f"{method}: no experts given{where}")
     if spec.needs_base and base is None:
         raise ValueError(f"{method} needs a base model tensor{where}; set base_model in the recipe")
-    if not spec.needs_base:
-        base = None  # linear averages the experts only
+    if not spec.needs_base and base is not None:
+        base, labels = None, labels[:-1]  # linear averages the experts only
     weights = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
     if len(weights) != len(experts):
         raise ValueError(f"{method}: {len(weights)} weights given for {len(experts)} experts{where}")
     resolved = resolve_params(spec, params, len(experts))
     check_weights(spec, weights, resolved)
-    _check_tensors(experts, base, where)
+    _check_tensors(experts, base, where, labels)
     flat = [e if isinstance(e, RowStream) else e.reshape(-1) for e in experts]
     flat_base = base if base is None or isinstance(base, RowStream) else base.reshape(-1)
     return spec.prepare(flat, flat_base, weights, resolved, seed, name), (base if base is not None else experts[0])
 
 
-def _check_tensors(experts, base, where: str) -> None:
+def _labels(labels: Sequence[str] | None, n_experts: int, has_base: bool) -> list[str]:
+    """The inputs' names for errors: the caller's, or "expert i" and "the base"."""
+    default = [f"expert {i}" for i in range(n_experts)] + (["the base"] if has_base else [])
+    if labels is None:
+        return default
+    if len(labels) != len(default):
+        raise ValueError(f"{len(labels)} labels given for {n_experts} experts{' and a base' if has_base else ''}")
+    return list(labels)
+
+
+def _check_tensors(experts, base, where: str, labels: list[str]) -> None:
+    """Same shapes, floating point, finite; `labels` names the experts, then the base."""
     shape = base.shape if base is not None else experts[0].shape
-    what = "the base" if base is not None else "expert 0"
-    for i, e in enumerate(experts):
+    what = labels[-1] if base is not None else labels[0]
+    for label, e in zip(labels, experts):
         if e.shape != shape:
-            raise ValueError(f"shape mismatch{where}: expert {i} has shape {tuple(e.shape)}, {what} has {tuple(shape)}")
-    labelled = [(f"expert {i}", e) for i, e in enumerate(experts)]
-    if base is not None:
-        labelled.append(("the base", base))
-    for label, t in labelled:
+            raise ValueError(f"shape mismatch{where}: {label} has shape {tuple(e.shape)}, {what} has {tuple(shape)}")
+    for label, t in zip(labels, [*experts, *([base] if base is not None else [])], strict=True):
         if not t.is_floating_point():
             raise ValueError(f"{label}{where} has dtype {t.dtype}; only floating-point tensors are merged")
         if not isinstance(t, RowStream) and not all_finite(t):  # a stream checks each window it reads

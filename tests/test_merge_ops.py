@@ -865,6 +865,13 @@ def pair():
         (lambda e, b: merge_tensors("ties", e, b, normalize="false"), "'normalize'.*true or false"),
         (lambda e, b: merge_tensors("task_arithmetic", e, b, weights=[1.0, float("nan")]), "weight of expert 1"),
         (lambda e, b: merge_tensors("linear", e, out_dtype="int8"), "out_dtype"),
+        (lambda e, b: merge_tensors("ties", [e[0], e[1] * float("nan")], b, labels=["a/", "b/", "base/"]),
+         "^b/ contains NaN"),
+        (lambda e, b: merge_tensors("ties", [e[0], torch.ones(4, 3)], b, labels=["a/", "b/", "base/"]),
+         r"b/ has shape \(4, 3\), base/ has \(3, 4\)"),
+        (lambda e, b: merge_tensors("linear", [e[0], torch.ones(4, 3)], b, labels=["a/", "b/", "base/"]),
+         r"b/ has shape \(4, 3\), a/ has \(3, 4\)"),
+        (lambda e, b: merge_tensors("ties", e, b, labels=["a/", "b/"]), "2 labels given for 2 experts and a base"),
     ],
 )
 def test_errors_name_what_is_wrong(pair, call, message):
