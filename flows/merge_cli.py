@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
                    help="threads merging layers at once with --runner threads (default: 4)")
     p.add_argument("--catalog", metavar="PATH", help="catalog DuckDB file (default: $MERGELINE_CATALOG or the user data dir)")
     p.add_argument("--trigger", default="manual", choices=["manual", "nightly", "new-expert"], help=argparse.SUPPRESS)
+    p.add_argument("--replace", action="store_true",
+                   help="publish even where the output holds another recipe's model (a recipe always replaces its own)")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(run=_merge)
 
@@ -45,6 +47,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--output", metavar="URI", help="output URI (overrides the recipe's 'output')")
+    p.add_argument("--replace", action="store_true", help="as merge --replace: plan to replace another recipe's model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(run=_plan)
 
@@ -58,7 +61,7 @@ def _plan(args) -> int:
     from .recipe import load_recipe
     from .unit import UnitJob, share_budget, tensor_steps, unit_bytes
 
-    plan = make_plan(load_recipe(args.recipe, output=args.output))
+    plan = make_plan(load_recipe(args.recipe, output=args.output), replace=args.replace)
     jobs = share_budget([UnitJob.from_plan(plan, u, staging="") for u in plan.units])
     steps = [tensor_steps(job) for job in jobs]
     peaks = [unit_bytes(job, s) for job, s in zip(jobs, steps, strict=True)]
@@ -130,7 +133,8 @@ def _merge(args) -> int:
     merge_flow.progress_listeners.append(on_unit)
     try:
         with progress, watched_run():
-            summary = merge_flow.run_merge(recipe, **runner, catalog_path=args.catalog, trigger=args.trigger)
+            summary = merge_flow.run_merge(recipe, **runner, catalog_path=args.catalog, trigger=args.trigger,
+                                           replace=args.replace)
     finally:
         merge_flow.progress_listeners.remove(on_unit)
     if args.json:

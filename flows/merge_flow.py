@@ -27,7 +27,7 @@ from storage.catalog import Catalog
 from storage.uri import copy_file, join
 from storage.version import code_version
 
-from .plan import Plan, make_plan
+from .plan import Plan, check_replacing, make_plan
 from .recipe import Recipe, parse_recipe, recipe_summary
 from .unit import UnitJob, run_unit, share_budget
 
@@ -71,15 +71,17 @@ def merge_flow(
     output: str | None = None,
     catalog_path: str | None = None,
     trigger: str = "manual",
+    replace: bool = False,
 ) -> dict:
-    """Merge the experts of a recipe (YAML text) and publish the result; returns a run summary."""
+    """Merge the experts of a recipe (YAML text) and publish the result; returns a run summary.
+    `replace`: publish even where another recipe's model is (see flows.plan.check_replacing)."""
     logger = get_run_logger()
     recipe = parse_recipe(recipe_text, source=recipe_source, output=output)
     catalog = Catalog(catalog_path)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        plan = make_plan(recipe)
+        plan = make_plan(recipe, replace=replace)
     except Exception as exc:  # bad or unreachable inputs: a failed run with no inputs, nothing staged
         run_id = catalog.start_run(
             recipe_name=recipe.name, method=recipe.method, parameters=recipe.parameters, recipe_text=recipe.text,
@@ -95,6 +97,7 @@ def merge_flow(
     try:
         lock.acquire(on_wait=logger.info)  # another run writing this output finishes first
         timings["lock_wait"] = lock.waited_s
+        check_replacing(plan.output, recipe.name, replace)  # again: another recipe may have published while we waited
         for abandoned in catalog.begin_writing(run_id):
             logger.warning("run %s was killed while writing %s; recorded as failed", abandoned, plan.output)
         t0 = time.perf_counter()
@@ -300,6 +303,7 @@ def run_merge(
     workers: int = 4,
     catalog_path: str | None = None,
     trigger: str = "manual",
+    replace: bool = False,
 ) -> dict:
     """Run the merge flow with the chosen task runner (threads on this machine, or a Dask cluster)."""
     if runner == "dask":
@@ -314,4 +318,4 @@ def run_merge(
     else:
         raise ValueError(f"unknown runner {runner!r}; use 'threads' or 'dask'")
     configured = merge_flow.with_options(task_runner=task_runner, flow_run_name=f"merge-{recipe.name}")
-    return configured(recipe.text, recipe.source, recipe.output, catalog_path, trigger)
+    return configured(recipe.text, recipe.source, recipe.output, catalog_path, trigger, replace)

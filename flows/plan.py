@@ -19,6 +19,7 @@ from storage import (
     check_compatible,
     check_output,
     open_checkpoint,
+    read_provenance,
     validate_output_uri,
 )
 
@@ -83,7 +84,9 @@ def resolve_device(wanted: str) -> str:
     return "cuda" if wanted in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
-def make_plan(recipe: Recipe) -> Plan:
+def make_plan(recipe: Recipe, *, replace: bool = False) -> Plan:
+    """The merge's units, after every check that can fail before work: inputs readable and
+    compatible, the output free for this recipe (see check_replacing), evaluation possible."""
     recipe = resolve_recipe(recipe)  # `models_from`: the experts it selects now, by concrete URI
     if not recipe.output:
         raise PlanError(f"{recipe.source}: no output URI; set 'output:' in the recipe or pass --output")
@@ -99,6 +102,7 @@ def make_plan(recipe: Recipe) -> Plan:
     try:
         notes = check_compatible(([base] if base else []) + experts)
         check_output(output, [c.uri for c in opened.values()])
+        check_replacing(output, recipe.name, replace)
     except CheckpointError as exc:
         raise PlanError(str(exc)) from None
     reference = base or experts[0]
@@ -122,6 +126,17 @@ def make_plan(recipe: Recipe) -> Plan:
             )
         )
     return Plan(recipe, output, base, experts, units, out_dtypes, notes, resolve_device(recipe.device))
+
+
+def check_replacing(output: str, recipe_name: str, replace: bool) -> None:
+    """A recipe replaces its own earlier model; another recipe's only when told to (--replace):
+    a one-off merge pointed at a production output would otherwise replace that model."""
+    prior = None if replace else read_provenance(output)
+    name = ((prior or {}).get("recipe") or {}).get("name")
+    if name is not None and name != recipe_name:
+        when = f", published {prior['published_at'][:19]}" if prior.get("published_at") else ""
+        raise PlanError(f"output {output} holds the model of recipe {name!r}{when}; this recipe is "
+                        f"{recipe_name!r}. Pass --replace to replace it, or choose another output")
 
 
 def _check_evaluation(recipe: Recipe) -> None:

@@ -16,7 +16,7 @@ _HOME = {
     "storage.headers": ("DTYPES", "MAX_HEADER_BYTES", "TensorInfo"),
     "storage.lock": ("OutputLock",),
     "storage.reader": ("COMPLETE_MARKER", "INDEX_NAME", "SIDECAR_NAME", "Checkpoint", "check_compatible",
-                       "is_complete", "local_copy", "open_checkpoint", "read_many"),
+                       "is_complete", "local_copy", "open_checkpoint", "read_many", "read_provenance"),
     "storage.uri": ("FileIdentity", "safe_component", "validate_output_uri"),
     "storage.writer": ("ShardInfo", "ShardWriter", "abort_staging", "check_output", "publish_checkpoint", "staged_shard",
                        "staging_uri"),

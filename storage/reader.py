@@ -255,6 +255,12 @@ def open_checkpoint(uri: str, *, cache: ReadCache | None = None) -> Checkpoint:
                       listing, cache)
 
 
+def read_provenance(uri: str) -> dict | None:
+    """The mergeline.json at uri (complete or not), or None where mergeline has published nothing."""
+    listing = listing_identities(normalize(uri))
+    return _read_json(listing[SIDECAR_NAME], None) if SIDECAR_NAME in listing else None
+
+
 def is_complete(uri: str) -> bool:
     """Whether a (mergeline-written) checkpoint has its completion marker; without it, treat as absent."""
     return exists(join(normalize(uri), COMPLETE_MARKER))

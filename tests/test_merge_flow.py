@@ -343,7 +343,7 @@ def test_a_cache_hit_never_takes_another_recipes_staged_shard(prefect_api, zoo, 
     recipe_a = write_recipe(tmp_path / "a.yaml", str(base), [str(e) for e in experts])
     recipe_b = write_recipe(tmp_path / "b.yaml", str(base), [str(e) for e in experts], text_b)
     run_merge(load_recipe(recipe_a, output=str(output)), catalog_path=catalog)  # A's units now cached
-    run_merge(load_recipe(recipe_b, output=str(output)), catalog_path=catalog)
+    run_merge(load_recipe(recipe_b, output=str(output)), catalog_path=catalog, replace=True)
     staging = Path(storage.staging_uri(str(output)))  # what a killed run of B leaves behind
     staging.mkdir(parents=True)
     for shard in json.loads((output / storage.SIDECAR_NAME).read_text())["shards"]:
@@ -360,6 +360,31 @@ def test_a_cache_hit_never_takes_another_recipes_staged_shard(prefect_api, zoo, 
     assert summary["cached"] == [] and len(summary["computed"]) == summary["units"]
     got, _ = load_output(str(output), tmp_path, None)
     assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+
+
+def test_a_recipe_replaces_its_own_model_and_another_recipes_only_with_replace(prefect_api, zoo, tmp_path, capsys):
+    """A one-off merge pointed at a production output must not silently replace that model."""
+    base, experts = zoo
+    output, catalog = tmp_path / "merged", str(tmp_path / "c.duckdb")
+    nightly = write_recipe(tmp_path / "nightly.yaml", str(base), [str(e) for e in experts])
+    trial = write_recipe(tmp_path / "trial.yaml", str(base), [str(e) for e in experts],
+                         MERGEKIT_TIES.replace("weight: 0.5", "weight: 0.25"))
+    run_merge(load_recipe(nightly, output=str(output)), catalog_path=catalog)
+    published = (output / storage.SIDECAR_NAME).read_bytes()
+
+    for args in (["plan"], ["merge", "--catalog", catalog]):
+        assert cli([*args, str(trial), "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert "holds the model of recipe 'nightly'" in err and "'trial'" in err and "--replace" in err, err
+    assert (output / storage.SIDECAR_NAME).read_bytes() == published
+
+    changed = MERGEKIT_TIES.replace("weight: 0.5", "weight: 0.75")  # the same recipe, edited: replaces its own
+    nightly.write_text(changed.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2]))
+    run_merge(load_recipe(nightly, output=str(output)), catalog_path=catalog)
+    assert cli(["merge", str(trial), "--output", str(output), "--catalog", catalog, "--replace"]) == 0
+    assert json.loads((output / storage.SIDECAR_NAME).read_text())["recipe"]["name"] == "trial"
+    failed = [r for r in Catalog(catalog).runs() if r["status"] == "failed"]
+    assert len(failed) == 1 and "holds the model of recipe 'nightly'" in failed[0]["error"]
 
 
 def test_s3_faults_are_retried_with_identical_output(prefect_api, zoo, s3_zoo, s3_faults, bucket, tmp_path):
@@ -582,6 +607,37 @@ def test_a_second_run_of_an_output_waits_for_the_first(prefect_api, zoo, tmp_pat
     assert summary["timings"]["lock_wait"] > 1.0
     got, _ = load_output(summary["output"], tmp_path, None)
     assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
+
+
+def test_a_model_another_recipe_published_while_this_run_waited_is_not_replaced(prefect_api, zoo, tmp_path):
+    import threading
+
+    base, experts = zoo
+    output = tmp_path / "merged"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts]), output=str(output))
+    holder = storage.OutputLock(str(output), purpose="the other run").acquire()
+    errors: list[Exception] = []
+
+    def merge():
+        try:
+            run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
+        except Exception as exc:  # noqa: BLE001 - handed to the test's thread
+            errors.append(exc)
+
+    run = threading.Thread(target=merge)
+    run.start()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+                (tmp_path / "c.duckdb").exists() and Catalog(tmp_path / "c.duckdb").runs(status="running")):
+            time.sleep(0.1)
+        output.mkdir()  # what the holder publishes: recipe 'other''s model
+        (output / storage.SIDECAR_NAME).write_text(json.dumps({"recipe": {"name": "other"}}))
+    finally:
+        holder.release()
+    run.join(120)
+    assert errors and "holds the model of recipe 'other'" in str(errors[0])
+    assert sorted(p.name for p in output.iterdir()) == [storage.SIDECAR_NAME]
 
 
 def test_a_run_that_cannot_get_its_output_fails_and_leaves_the_holders_staging(prefect_api, zoo, tmp_path,
