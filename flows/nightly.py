@@ -36,7 +36,12 @@ from .selection import ExpertScan, load_recipes, resolve_recipe
 
 class ProblemsFound(ValueError):
     """A watcher or nightly run did all it could and fails listing what it could not do (recipes
-    that do not load, merges that failed): things a user fixes, so no traceback on the console."""
+    that do not load, merges that failed): things a user fixes, so no traceback on the console.
+    `summary` is what the run would have returned: the CLI still prints what did succeed."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
 
 
 def open_inputs(recipe: Recipe) -> tuple[Checkpoint | None, list[Checkpoint]]:
@@ -187,7 +192,7 @@ def nightly_merge(
         results.append(result)
     summary = {"recipes": results, "errors": errors}
     if errors:
-        raise ProblemsFound(f"nightly merge: {len(errors)} problem(s): " + "; ".join(errors))
+        raise ProblemsFound(f"nightly merge: {len(errors)} problem(s): " + "; ".join(errors), summary)
     return summary
 
 

@@ -268,7 +268,12 @@ def wait_for_api(server: subprocess.Popen, url: str, timeout: float) -> None:
 
 
 class FlowFailed(ValueError):
-    """A watcher or nightly run that failed; its message lists every problem (printed without a traceback)."""
+    """A watcher or nightly run that failed; its message lists every problem (printed without a
+    traceback), and `summary` is what the run did before it failed, where it got that far."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary
 
 
 def _result(state):
@@ -276,9 +281,27 @@ def _result(state):
         try:
             state.result()
         except Exception as exc:  # noqa: BLE001 - re-raised as one line for the CLI
-            raise FlowFailed(str(exc)) from exc
+            raise FlowFailed(str(exc), getattr(exc, "summary", None)) from exc
         raise FlowFailed(state.message or "the flow run failed")
     return state.result()
+
+
+def _report(state, args, print_lines) -> int:
+    """Print a watcher or nightly run's summary (as JSON with --json), also when the run failed
+    part way: what merged is worth knowing; then the failure goes up for the CLI to report."""
+    try:
+        summary, failed = _result(state), None
+    except FlowFailed as exc:
+        if exc.summary is None:
+            raise
+        summary, failed = exc.summary, exc
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print_lines(summary)
+    if failed:
+        raise failed
+    return 0
 
 
 def _watch(args) -> int:
@@ -286,11 +309,12 @@ def _watch(args) -> int:
     from .watcher import watch_experts
 
     with watched_run():
-        summary = _result(watch_experts(recipes=args.recipes, experts=args.experts, catalog_path=args.catalog,
-                                        **runner_options(args), return_state=True))
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-        return 0
+        state = watch_experts(recipes=args.recipes, experts=args.experts, catalog_path=args.catalog,
+                              **runner_options(args), return_state=True)
+    return _report(state, args, _print_scan)
+
+
+def _print_scan(summary: dict) -> None:
     for prefix, scan in summary["scanned"].items():
         print(f"{prefix}: {len(scan['complete'])} complete, {len(scan['pending'])} pending")
         for name, why in scan["pending"].items():
@@ -299,7 +323,6 @@ def _watch(args) -> int:
         print(f"landed {x['label']} {x['uri']} ({x['identity'][:12]})")
     for m in summary["merges"]:
         print(f"{m['recipe']}: {m['action']} {m.get('output') or ''}")
-    return 0
 
 
 def _nightly(args) -> int:
@@ -307,11 +330,11 @@ def _nightly(args) -> int:
     from .nightly import nightly_merge
 
     with watched_run():
-        summary = _result(nightly_merge(recipes=args.recipes, catalog_path=args.catalog, **runner_options(args),
-                                        return_state=True))
-    if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-        return 0
+        state = nightly_merge(recipes=args.recipes, catalog_path=args.catalog, **runner_options(args),
+                              return_state=True)
+    return _report(state, args, _print_recipes)
+
+
+def _print_recipes(summary: dict) -> None:
     for r in summary["recipes"]:
         print(f"{r['recipe']}: {r['action']} {r.get('output') or ''}")
-    return 0

@@ -243,5 +243,5 @@ def watch_experts(
         "landed": landed, "merges": merges, "errors": errors,
     }
     if errors:
-        raise ProblemsFound(f"watcher: {len(errors)} problem(s): " + "; ".join(errors))
+        raise ProblemsFound(f"watcher: {len(errors)} problem(s): " + "; ".join(errors), summary)
     return summary

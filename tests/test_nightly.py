@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import boto3
 import pytest
 
 import storage
 from flows import nightly
+from flows.cli import main as cli
 from flows.nightly import nightly_merge, open_inputs, unchanged_since_last
 from flows.recipe import load_recipe
 from flows.selection import resolve_recipe
@@ -89,7 +92,7 @@ def test_nightly_merges_changes_and_records_unchanged_inputs_as_skipped(
     assert unchanged_since_last(catalog, concrete, base_ck, expert_cks) is None
 
 
-def test_one_broken_recipe_fails_the_run_but_not_the_others(prefect_api, zoo, tmp_path):
+def test_one_broken_recipe_fails_the_run_but_not_the_others(prefect_api, zoo, tmp_path, capsys):
     base, (e0, _, _) = zoo
     import shutil
 
@@ -105,3 +108,14 @@ def test_one_broken_recipe_fails_the_run_but_not_the_others(prefect_api, zoo, tm
     [run] = Catalog(catalog_path).runs()
     assert run["recipe_name"] == "arith" and run["status"] == "succeeded"
     assert storage.is_complete(str(tmp_path / "out" / "good"))
+
+    # the command still says what it did for the other recipes, as JSON too, and exits non-zero
+    capsys.readouterr()
+    assert cli(["nightly", "--recipes", str(tmp_path / "recipes"), "--catalog", catalog_path, "--json"]) == 2
+    out, err = capsys.readouterr()
+    actions = {r["recipe"]: r["action"] for r in json.loads(out)["recipes"]}
+    assert actions == {"arith": "skipped", "empty": "failed"}, out
+    assert "selects no complete expert" in err.strip().splitlines()[-1]
+    assert cli(["nightly", "--recipes", str(tmp_path / "recipes"), "--catalog", catalog_path]) == 2
+    out, err = capsys.readouterr()
+    assert "arith: skipped" in out and "empty: failed" in out
