@@ -39,13 +39,19 @@ progress_listeners: list[Callable[[str, int, int, bool], None]] = []
 PROGRESS_EVERY_S = 1.0
 
 
+# Errors that a retry meets again: bad input (ValueError), and what bad input or a bug raises
+# deeper down (a dtype a kernel lacks, a missing key).
+_DETERMINISTIC = (ValueError, TypeError, LookupError, ArithmeticError, AttributeError, NotImplementedError)
+
+
 def _transient(task, task_run, state) -> bool:
-    """Retry I/O trouble; never retry bad input (ValueError and its subclasses)."""
+    """Retry I/O trouble (network, 5xx, throttling after botocore's own retries, a lost Dask
+    worker); never what would fail the same way again (_DETERMINISTIC)."""
     try:
         state.result(raise_on_failure=True)
-    except ValueError:
+    except _DETERMINISTIC:
         return False
-    except Exception:  # noqa: BLE001 - network, 5xx, throttling after botocore's own retries
+    except Exception:  # noqa: BLE001 - everything else is worth another try
         return True
     return False
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_ops import MERGEABLE_DTYPES, METHODS, mergeable_names
 from storage import (
     Checkpoint,
     CheckpointError,
@@ -105,10 +106,12 @@ def make_plan(recipe: Recipe, *, replace: bool = False) -> Plan:
         check_replacing(output, recipe.name, replace)
     except CheckpointError as exc:
         raise PlanError(str(exc)) from None
+    _check_dtypes(([base] if base else []) + experts)
     reference = base or experts[0]
+    dtype_source = base if base and METHODS[recipe.method].needs_base else experts[0]  # linear ignores the base
     out_dtypes = {
-        name: getattr(torch, recipe.out_dtype) if recipe.out_dtype else info.torch_dtype
-        for name, info in reference.tensors.items()
+        name: getattr(torch, recipe.out_dtype) if recipe.out_dtype else dtype_source.tensors[name].torch_dtype
+        for name in reference.tensors
     }
     groups: dict[str, list[str]] = {}
     for name in reference.tensors:
@@ -126,6 +129,16 @@ def make_plan(recipe: Recipe, *, replace: bool = False) -> Plan:
             )
         )
     return Plan(recipe, output, base, experts, units, out_dtypes, notes, resolve_device(recipe.device))
+
+
+def _check_dtypes(inputs: list[Checkpoint]) -> None:
+    """Tensors the kernels cannot merge (integers, bools, float8 without its scales), refused from
+    the headers: otherwise the merge fails at their unit, after the others have run."""
+    bad = [f"{c.uri}: tensor {name!r} is {t.torch_dtype}".replace("torch.", "")
+           for c in inputs for name, t in c.tensors.items() if t.torch_dtype not in MERGEABLE_DTYPES]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise PlanError(f"only {mergeable_names()} tensors are merged:\n  " + "\n  ".join(bad[:5]) + more)
 
 
 def check_replacing(output: str, recipe_name: str, replace: bool) -> None:

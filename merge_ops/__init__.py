@@ -8,11 +8,20 @@
     stream_passes(method, params): how often a streamed merge reads its inputs
 """
 
-from .merge import DEFAULT_CHUNK, GPU_CHUNK, default_chunk, merge_stream, merge_tensors, output_bytes
+from .merge import (
+    DEFAULT_CHUNK,
+    GPU_CHUNK,
+    MERGEABLE_DTYPES,
+    default_chunk,
+    merge_stream,
+    merge_tensors,
+    mergeable_names,
+    output_bytes,
+)
 from .methods import kept_bytes, scratch_bytes, stream_passes
 from .registry import METHODS, Method, Param, get_method
 from .stream import RowStream, window_rows
 
-__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "METHODS", "Method", "Param", "RowStream", "default_chunk", "get_method",
-           "kept_bytes", "merge_stream", "merge_tensors", "output_bytes", "scratch_bytes", "stream_passes",
-           "window_rows"]
+__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "MERGEABLE_DTYPES", "METHODS", "Method", "Param", "RowStream", "default_chunk",
+           "get_method", "kept_bytes", "merge_stream", "merge_tensors", "mergeable_names", "output_bytes",
+           "scratch_bytes", "stream_passes", "window_rows"]

@@ -11,7 +11,12 @@ from .methods import DEFAULT_CHUNK, GPU_CHUNK, default_chunk  # importing method
 from .registry import check_weights, get_method, resolve_params
 from .stream import RowStream, all_finite
 
-__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "default_chunk", "merge_stream", "merge_tensors", "output_bytes"]
+__all__ = ["DEFAULT_CHUNK", "GPU_CHUNK", "MERGEABLE_DTYPES", "default_chunk", "merge_stream", "merge_tensors",
+           "output_bytes"]
+
+# What the kernels compute on (in float32): float8 needs its scales (a per-block `*_scale_inv`
+# beside each weight), so its values are not merged element by element; integers are not weights.
+MERGEABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def merge_tensors(
@@ -162,10 +167,14 @@ def _check_tensors(experts, base, where: str, labels: list[str]) -> None:
         if e.shape != shape:
             raise ValueError(f"shape mismatch{where}: {label} has shape {tuple(e.shape)}, {what} has {tuple(shape)}")
     for label, t in zip(labels, [*experts, *([base] if base is not None else [])], strict=True):
-        if not t.is_floating_point():
-            raise ValueError(f"{label}{where} has dtype {t.dtype}; only floating-point tensors are merged")
+        if t.dtype not in MERGEABLE_DTYPES:
+            raise ValueError(f"{label}{where} has dtype {t.dtype}; {mergeable_names()} tensors are merged, no others")
         if not isinstance(t, RowStream) and not all_finite(t):  # a stream checks each window it reads
             raise ValueError(f"{label}{where} contains NaN or Inf values")
+
+
+def mergeable_names() -> str:
+    return ", ".join(sorted(str(d).removeprefix("torch.") for d in MERGEABLE_DTYPES))
 
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}

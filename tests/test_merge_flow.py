@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 import storage
 from flows.cli import main as cli
 from flows.merge_flow import run_merge
+from flows.plan import make_plan
 from flows.recipe import load_recipe, parse_recipe
 from merge_ops import merge_tensors
 from storage.catalog import Catalog
@@ -547,6 +548,43 @@ def test_plan_prints_units_without_merging(zoo, tmp_path, capsys):
     ])
     assert sum(u["tensors"] for u in plan["units"]) == len(load_file(base / "model.safetensors"))
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.float8_e4m3fn])
+def test_tensors_no_kernel_merges_are_refused_at_plan(tmp_path, capsys, dtype):
+    """An integer buffer, a mask or a float8 weight (whose scales a per-element merge ignores) is
+    named from the headers, before any unit runs; the merge would have failed at its unit."""
+    base, experts = tiny_llama_zoo(tmp_path / "zoo", n_experts=3, layers=2)
+    for model in (base, *experts):
+        tensors = load_file(model / "model.safetensors")
+        tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"].to(dtype)
+        save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    assert cli(["plan", str(recipe), "--output", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"{base}: tensor 'model.layers.1.mlp.up_proj.weight' is {str(dtype).removeprefix('torch.')}" in err
+    assert "bfloat16, float16, float32, float64 tensors are merged" in err
+
+
+def test_linear_writes_the_first_experts_dtype_not_the_unused_bases(tmp_path):
+    base, _ = tiny_llama_zoo(tmp_path / "fp32", n_experts=1, layers=1, dtype=torch.float32)
+    _, experts = tiny_llama_zoo(tmp_path / "bf16", n_experts=2, layers=1)
+    for method, dtype in (("linear", torch.bfloat16), ("task_arithmetic", torch.float32)):
+        text = f"merge_method: {method}\nbase_model: {base}\nmodels:\n" + "".join(f"  - model: {e}\n" for e in experts)
+        plan = make_plan(parse_recipe(text, output=str(tmp_path / "m")))
+        assert set(plan.out_dtypes.values()) == {dtype} and plan.dtype == dtype, method
+
+
+@pytest.mark.parametrize("error, retried", [
+    (OSError("connection reset"), True), (RuntimeError("worker lost"), True), (ValueError("NaN in expert 1"), False),
+    (NotImplementedError('"aminmax_cpu" not implemented'), False), (TypeError("bad"), False), (KeyError("w"), False),
+])
+def test_only_trouble_a_retry_can_clear_is_retried(error, retried):
+    from prefect.states import Failed
+
+    from flows.merge_flow import _transient
+
+    assert _transient(None, None, Failed(data=error)) is retried
 
 
 def test_local_merges_do_not_load_boto3(zoo, tmp_path):

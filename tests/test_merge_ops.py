@@ -872,6 +872,8 @@ def pair():
         (lambda e, b: merge_tensors("linear", [e[0], torch.ones(4, 3)], b, labels=["a/", "b/", "base/"]),
          r"b/ has shape \(4, 3\), a/ has \(3, 4\)"),
         (lambda e, b: merge_tensors("ties", e, b, labels=["a/", "b/"]), "2 labels given for 2 experts and a base"),
+        (lambda e, b: merge_tensors("linear", [e[0].to(torch.float8_e4m3fn), e[1]]), "expert 0 has dtype.*float8"),
+        (lambda e, b: merge_tensors("linear", [e[0], e[1].to(torch.int32)]), "expert 1 has dtype torch.int32"),
     ],
 )
 def test_errors_name_what_is_wrong(pair, call, message):
