@@ -46,6 +46,9 @@ EXTRA_FILES = frozenset({
     "sentencepiece.bpe.model", "vocab.json", "vocab.txt", "merges.txt",
     "chat_template.jinja", "chat_template.json",
 })
+# Files a model's own code needs (config.json's auto_map: configuration_*.py, modeling_*.py,
+# tokenization_*.py, and tiktoken vocabularies): without them `trust_remote_code` loading fails.
+EXTRA_SUFFIXES = (".py", ".tiktoken")
 MAX_SMALL_FILE = 100 * 1000 * 1000
 
 
@@ -133,7 +136,7 @@ class Checkpoint:
         self.model_type: str | None = config.get("model_type")
         self.tensors = tensors
         self.files = files
-        self.extra_files = sorted(n for n in listing if n in EXTRA_FILES)
+        self.extra_files = sorted(n for n in listing if n in EXTRA_FILES or n.endswith(EXTRA_SUFFIXES))
         self.identity = hashlib.sha256(
             json.dumps([files[f].as_dict() for f in sorted(files)], sort_keys=True).encode()
         ).hexdigest()

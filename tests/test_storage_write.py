@@ -198,6 +198,30 @@ def test_local_publish_is_a_loadable_hf_checkpoint(tiny_llamas, tmp_path):
     assert all(torch.equal(published.read_tensor(n), want[n]) for n in want)
 
 
+def test_a_model_with_its_own_code_keeps_it_and_loads_with_trust_remote_code(tiny_llamas, tmp_path):
+    """config.json's auto_map names Python files beside it (Phi-3, DeepSeek, InternLM, Qwen-1)."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "custom"
+    shutil.copytree(tiny_llamas["single"], src)
+    (src / "configuration_tiny.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass TinyConfig(LlamaConfig):\n    model_type = 'tiny'\n")
+    (src / "modeling_tiny.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_tiny import TinyConfig\n\n\n"
+        "class TinyForCausalLM(LlamaForCausalLM):\n    config_class = TinyConfig\n")
+    (src / "tiny.tiktoken").write_text("IQ== 0\n")
+    config = json.loads((src / "config.json").read_text())
+    config |= {"model_type": "tiny", "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                                                  "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "merged"
+    publish(open_checkpoint(str(src)), str(out), torch.float32)
+    for name in ("configuration_tiny.py", "modeling_tiny.py", "tiny.tiktoken"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "TinyForCausalLM"
+
+
 def test_republish_replaces_the_older_model(tiny_llamas, tmp_path):
     ck = open_checkpoint(str(tiny_llamas["single"]))
     out = str(tmp_path / "merged")
