@@ -23,8 +23,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 import storage
-from storage.catalog import Catalog
-from storage.uri import copy_file, join
+from storage.catalog import Catalog, CatalogError
+from storage.uri import join
 from storage.version import code_version
 
 from .plan import Plan, check_replacing, make_plan
@@ -98,11 +98,14 @@ def merge_flow(
     recipe = plan.recipe  # concrete: what a `models_from` selection resolved to
     timings["plan"] = time.perf_counter() - t0
     staging = storage.staging_uri(plan.output)
-    run_id = _start_run(catalog, plan, trigger)
     lock = storage.OutputLock(plan.output, purpose=f"merge {recipe.name!r} (flow run {_flow_run_id()})")
+    run_id = None  # recorded once the lock is held: a run killed while waiting leaves no 'running' row behind
     try:
         lock.acquire(on_wait=logger.info)  # another run writing this output finishes first
         timings["lock_wait"] = lock.waited_s
+        run_id = _start_run(catalog, plan, trigger)
+        if storage.restore_replaced(plan.output):
+            logger.warning("put back the model at %s that a killed publish had moved aside", plan.output)
         check_replacing(plan.output, recipe.name, replace)  # again: another recipe may have published while we waited
         for abandoned in catalog.begin_writing(run_id):
             logger.warning("run %s was killed while writing %s; recorded as failed", abandoned, plan.output)
@@ -126,7 +129,11 @@ def merge_flow(
         # SIGTERM from an eviction or a cancel) keeps the finished shards for the re-run to resume.
         if lock.held and isinstance(exc, Exception):
             storage.abort_staging(staging)
-        catalog.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
+        try:
+            run_id = run_id or _start_run(catalog, plan, trigger)
+            catalog.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}", timings=timings)
+        except CatalogError as record:  # e.g. a run that lost its lock was failed by the new holder
+            logger.warning("run %s not recorded as failed: %s", run_id, record)
         raise
     finally:
         lock.release()
@@ -175,11 +182,17 @@ def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]
             posted = time.monotonic()
         for listener in progress_listeners:
             listener(name, done, len(futures), name in cached)
-    for name in list(cached):  # a cache hit only counts if its shard still exists
-        if not _restage(results[name], plan, staging):
-            logger.warning("cached shard for %s is gone; recomputing it", name)
-            cached.discard(name)
-            results[name] = merge_layer.with_options(refresh_cache=True)(unit_id=name, job=jobs[name])
+    gone = [name for name in sorted(cached) if not _restage(results[name], plan, staging)]
+    if gone:  # a cache hit only counts if its shard still exists; the others merge again, side by side
+        logger.warning("cached shards of %d units are gone (%s); recomputing them", len(gone), ", ".join(gone[:5]))
+        cached.difference_update(gone)
+        again = {merge_layer.with_options(refresh_cache=True).submit(unit_id=n, job=jobs[n]): n for n in gone}
+        for fut in as_completed(list(again)):
+            try:
+                results[again[fut]] = fut.result()
+            except BaseException:
+                _stop_siblings(again)
+                raise
     return [results[u.name] for u in plan.units], cached
 
 
@@ -203,6 +216,7 @@ def _restage(result: dict, plan: Plan, staging: str) -> bool:
     the one this result describes (another recipe's killed run may have left its own there)."""
     staged = storage.staged_shard(staging, result["filename"])
     if staged and (staged.sha256, staged.size) == (result["sha256"], result["size"]):
+        result["etag"] = staged.etag  # what publish checks is still there
         return True
     if not storage.is_complete(plan.output):
         return False
@@ -212,7 +226,7 @@ def _restage(result: dict, plan: Plan, staging: str) -> bool:
         {"filename": s["filename"], "sha256": s["sha256"]} for s in shards
     ]:
         return False
-    copy_file(join(plan.output, result["filename"]), result["uri"])
+    result["etag"] = storage.restage_shard(join(plan.output, result["filename"]), _shard_info(result)).etag
     return True
 
 
@@ -231,7 +245,7 @@ def _read_cache_counts(plan: Plan, results: list[dict], cached: set[str]) -> dic
 
 
 def _shard_info(r: dict) -> storage.ShardInfo:
-    return storage.ShardInfo(r["filename"], r["uri"], r["size"], r["sha256"], tuple(r["tensors"]))
+    return storage.ShardInfo(r["filename"], r["uri"], r["size"], r["sha256"], tuple(r["tensors"]), r.get("etag"))
 
 
 def _sidecar(plan: Plan, results: list[dict]) -> dict:

@@ -196,7 +196,7 @@ def run_unit(job: UnitJob) -> dict:
     _return_freed_memory()
     info = writer.result
     return {"filename": info.filename, "uri": info.uri, "size": info.size, "sha256": info.sha256,
-            "tensors": list(info.tensors), "unit": job.unit.name,
+            "tensors": list(info.tensors), "etag": info.etag, "unit": job.unit.name,
             "read_cache": tally.stats.as_dict() if tally else None}
 
 

@@ -18,8 +18,8 @@ _HOME = {
     "storage.reader": ("COMPLETE_MARKER", "INDEX_NAME", "SIDECAR_NAME", "Checkpoint", "check_compatible",
                        "is_complete", "local_copy", "open_checkpoint", "read_many", "read_provenance"),
     "storage.uri": ("FileIdentity", "safe_component", "validate_output_uri"),
-    "storage.writer": ("ShardInfo", "ShardWriter", "abort_staging", "check_output", "publish_checkpoint", "staged_shard",
-                       "staging_uri"),
+    "storage.writer": ("ShardInfo", "ShardWriter", "abort_staging", "check_output", "publish_checkpoint",
+                       "restage_shard", "restore_replaced", "staged_shard", "staging_uri"),
 }
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 

@@ -25,7 +25,8 @@ _FILENAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 class FileIdentity:
     """What a file is, for cache keys and lineage: same identity means same bytes.
 
-    Local files have no ETag; theirs is 'mtime-<ns>' so a rewritten file gets a new identity.
+    Local files have no ETag; theirs is made of the inode's mtime, ctime and number (_local_etag),
+    so a rewritten file gets a new identity even when its mtime is put back (cp -p, rsync -a, tar).
     """
 
     uri: str
@@ -126,7 +127,14 @@ def stat(uri: str) -> FileIdentity:
         st = os.stat(uri)
     except FileNotFoundError as e:
         raise CheckpointError(f"{uri}: no such file") from e
-    return FileIdentity(uri, st.st_size, f"mtime-{st.st_mtime_ns}", None)
+    return FileIdentity(uri, st.st_size, _local_etag(st), None)
+
+
+def _local_etag(st: os.stat_result) -> str:
+    """mtime can be set back by anyone (os.utime); ctime cannot, and every write moves it, as a
+    file replaced by rename gets a new inode. (A chmod or a new hard link moves ctime too: such a
+    file counts as changed, and is merged again, never the other way round.)"""
+    return f"mtime-{st.st_mtime_ns}-ctime-{st.st_ctime_ns}-ino-{st.st_ino}"
 
 
 def list_dir(uri: str) -> dict[str, int]:
@@ -203,7 +211,7 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.sta
 def _check_unchanged(ident: FileIdentity, f) -> int:
     """The open file's size, if it is still the file `ident` describes."""
     st = os.fstat(f.fileno())
-    if st.st_size != ident.size or f"mtime-{st.st_mtime_ns}" != ident.etag:
+    if st.st_size != ident.size or _local_etag(st) != ident.etag:
         raise CheckpointError(f"{ident.uri} changed since it was opened; reopen the checkpoint")
     return st.st_size
 

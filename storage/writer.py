@@ -14,7 +14,9 @@ then sees an incomplete mergeline output, never a plausible-looking mix), the ma
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import glob
 import hashlib
 import json
@@ -46,6 +48,7 @@ from storage.reader import (
 )
 from storage.uri import (
     check_filename,
+    copy_file,
     delete,
     delete_tree,
     is_s3,
@@ -97,6 +100,9 @@ class ShardInfo:
     size: int
     sha256: str
     tensors: tuple[str, ...]
+    # The staged object's identity (S3 ETag, local mtime/ctime/inode) once written: publish refuses
+    # a shard that another writer replaced since, e.g. a stalled run that lost the output's lock.
+    etag: str | None = None
 
 
 class ShardWriter:
@@ -195,27 +201,45 @@ class ShardWriter:
                 s3.upload_file(self._tmp, *s3.split_s3_uri(self.uri))
             else:
                 os.replace(self._tmp, self.uri)
-            try:  # the record staged_shard finds after a restart
-                put_bytes(self.uri + _SHARD_INFO_SUFFIX, json.dumps(dataclasses.asdict(result)).encode())
-            except BaseException:
-                delete(self.uri)
-                raise
-            self.result = result
+            self.result = _record_staged(result)
         finally:
             f.close()
             with_missing_ok(os.remove, self._tmp)
 
 
+def _record_staged(info: ShardInfo) -> ShardInfo:
+    """Write the record staged_shard finds after a restart, with the staged object's identity;
+    without a record, nothing is left at the shard's name."""
+    try:
+        info = dataclasses.replace(info, etag=stat(info.uri).etag)
+        put_bytes(info.uri + _SHARD_INFO_SUFFIX, json.dumps(dataclasses.asdict(info)).encode())
+    except BaseException:
+        delete(info.uri)
+        raise
+    return info
+
+
+def restage_shard(source_uri: str, info: ShardInfo) -> ShardInfo:
+    """Copy a published shard back into staging at info.uri (a cached unit of a re-run), recorded
+    as if written there, so a run killed while publishing resumes from it."""
+    delete(info.uri + _SHARD_INFO_SUFFIX)
+    copy_file(source_uri, info.uri)
+    return _record_staged(info)
+
+
 def staged_shard(staging: str, filename: str) -> ShardInfo | None:
-    """The ShardInfo of a shard an earlier (killed) attempt finished in staging, if it is intact."""
+    """The ShardInfo of a shard an earlier (killed) attempt finished in staging, if it is intact:
+    still the object its record describes."""
     uri = join(validate_output_uri(staging), check_filename(filename, staging))
     try:
         info = json.loads(read_small(stat(uri + _SHARD_INFO_SUFFIX), None))
-        if stat(uri).size != info["size"]:
+        ident = stat(uri)
+        if ident.size != info["size"] or ident.etag != info.get("etag", ident.etag):
             return None
     except (CheckpointError, ValueError, KeyError):
         return None
-    return ShardInfo(info["filename"], info["uri"], info["size"], info["sha256"], tuple(info["tensors"]))
+    return ShardInfo(info["filename"], info["uri"], info["size"], info["sha256"], tuple(info["tensors"]),
+                     info.get("etag"))
 
 
 def abort_staging(staging: str) -> None:
@@ -261,6 +285,9 @@ def _check_shards(staging: str, shards: list[ShardInfo]) -> tuple[dict[str, str]
         ident = stat(shard.uri)
         if ident.size != shard.size:
             raise CheckpointError(f"{shard.uri}: {ident.size} bytes in staging, {shard.size} when written")
+        if shard.etag is not None and ident.etag != shard.etag:
+            raise CheckpointError(f"{shard.uri}: replaced in staging since this run wrote it (by another merge "
+                                  "of this output that lost its lock?); nothing was published, run the merge again")
         infos = read_header(ident, shard.filename, None)
         if sorted(t.name for t in infos) != sorted(shard.tensors):
             raise CheckpointError(f"{shard.uri}: header tensors differ from the ShardInfo")
@@ -330,7 +357,7 @@ def publish_checkpoint(output_uri: str, staging: str, shards: list[ShardInfo], *
     sizes = {s.filename: s.size for s in shards} | {n: len(d) for n, d in small.items()}
     marker = _to_json({"format": FORMAT, "published_at": now, "files": sizes})
     if is_s3(out):
-        _publish_s3(out, staging, [s.filename for s in shards], list(small), existing, marker)
+        _publish_s3(out, staging, {s.filename: s.etag for s in shards}, list(small), existing, marker)
     else:
         _publish_local(out, staging, set(sizes), marker)
     return open_checkpoint(out)
@@ -350,13 +377,46 @@ def _publish_local(out: str, staging: str, names: set[str], marker: bytes) -> No
     old = staging + ".replaced"
     shutil.rmtree(old, ignore_errors=True)
     try:
-        if os.path.lexists(out):
-            os.rename(out, old)
-        os.rename(staging, out)
+        if os.path.lexists(out) and _exchange(staging, out):
+            os.rename(staging, old)  # the old model, now at the staging path
+        else:  # no atomic swap here: for a moment there is no model at `out` (restore_replaced)
+            if os.path.lexists(out):
+                os.rename(out, old)
+            os.rename(staging, out)
     except OSError as e:
         raise StorageError(f"could not move {staging} into place at {out}: {e}") from e
     shutil.rmtree(old, ignore_errors=True)
     _remove_if_empty(os.path.dirname(staging))
+
+
+def restore_replaced(output_uri: str) -> bool:
+    """Put back the model a killed local publish had moved aside (where no atomic swap exists,
+    publish renames the old model away, then the new one in); True if it did. Call holding the
+    output's lock."""
+    out = validate_output_uri(output_uri)
+    old = staging_uri(out) + ".replaced"
+    if is_s3(out) or os.path.lexists(out) or not os.path.isdir(old):
+        return False
+    os.rename(old, out)
+    return True
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)  # Linux, glibc 2.28+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE), so readers of `b` always find a
+    complete model; False where the system or file system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), f"{a} <-> {b}")
 
 
 def _remove_if_empty(directory: str) -> None:
@@ -367,13 +427,16 @@ def _remove_if_empty(directory: str) -> None:
         pass
 
 
-def _publish_s3(out: str, staging: str, shard_names: list[str], small_names: list[str],
+def _publish_s3(out: str, staging: str, shard_etags: dict[str, str | None], small_names: list[str],
                 existing: dict[str, int], marker: bytes) -> None:
+    """Each shard is copied only if it is still the object this run wrote (CopySourceIfMatch):
+    checked once in _check_shards, and again here, atomically, by S3."""
     bucket, key = s3.split_s3_uri(out)
     sbucket, skey = s3.split_s3_uri(staging)
+    shard_names = list(shard_etags)
 
     def copy(name: str) -> None:
-        s3.copy(sbucket, f"{skey}/{name}", bucket, f"{key}/{name}")
+        s3.copy(sbucket, f"{skey}/{name}", bucket, f"{key}/{name}", if_match=shard_etags.get(name))
 
     if COMPLETE_MARKER in existing:
         s3.delete_keys(bucket, [f"{key}/{COMPLETE_MARKER}"])

@@ -619,9 +619,16 @@ def test_models_from_recipe_merges_the_selected_experts(prefect_api, zoo, tmp_pa
     assert_same(got, expected_merge(zoo, explicit))
 
 
-def test_a_second_run_of_an_output_waits_for_the_first(prefect_api, zoo, tmp_path):
-    """While another merge holds the output (a nightly run, say), this run is recorded as running
-    but stages nothing; once the output is free it merges and publishes as usual."""
+def wait_for_log(caplog, text: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(text in r.getMessage() for r in caplog.records):
+        time.sleep(0.1)
+    assert any(text in r.getMessage() for r in caplog.records), f"no log line with {text!r}"
+
+
+def test_a_second_run_of_an_output_waits_for_the_first(prefect_api, zoo, tmp_path, caplog):
+    """While another merge holds the output (a nightly run, say), this run waits and stages
+    nothing; once the output is free it merges and publishes as usual."""
     import threading
 
     base, experts = zoo
@@ -632,13 +639,12 @@ def test_a_second_run_of_an_output_waits_for_the_first(prefect_api, zoo, tmp_pat
     run = threading.Thread(target=lambda: summary.update(run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))))
     run.start()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (
-                (tmp_path / "c.duckdb").exists() and Catalog(tmp_path / "c.duckdb").runs(status="running")):
-            time.sleep(0.1)
+        wait_for_log(caplog, "another merge holds it")
         time.sleep(1.0)  # past the lock, a unit would be staged by now
         assert run.is_alive()
         assert not list(Path(storage.staging_uri(str(output))).glob("*.safetensors")) and not output.exists()
+        # recorded only once it holds the lock: a run killed while waiting leaves no 'running' row
+        assert not (tmp_path / "c.duckdb").exists() or not Catalog(tmp_path / "c.duckdb").runs()
     finally:
         holder.release()
     run.join(120)
@@ -647,7 +653,7 @@ def test_a_second_run_of_an_output_waits_for_the_first(prefect_api, zoo, tmp_pat
     assert_same(got, expected_merge(zoo, MERGEKIT_TIES))
 
 
-def test_a_model_another_recipe_published_while_this_run_waited_is_not_replaced(prefect_api, zoo, tmp_path):
+def test_a_model_another_recipe_published_while_this_run_waited_is_not_replaced(prefect_api, zoo, tmp_path, caplog):
     import threading
 
     base, experts = zoo
@@ -665,10 +671,7 @@ def test_a_model_another_recipe_published_while_this_run_waited_is_not_replaced(
     run = threading.Thread(target=merge)
     run.start()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (
-                (tmp_path / "c.duckdb").exists() and Catalog(tmp_path / "c.duckdb").runs(status="running")):
-            time.sleep(0.1)
+        wait_for_log(caplog, "another merge holds it")
         output.mkdir()  # what the holder publishes: recipe 'other''s model
         (output / storage.SIDECAR_NAME).write_text(json.dumps({"recipe": {"name": "other"}}))
     finally:

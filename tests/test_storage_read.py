@@ -158,6 +158,25 @@ def test_identity_is_stable_and_tracks_changes(tiny_llamas, tmp_path):
         a.read_tensor("lm_head.weight")
 
 
+def test_a_file_rewritten_in_place_with_its_mtime_put_back_is_a_new_identity(tiny_llamas, tmp_path):
+    """cp -p, rsync -a and tar x keep the mtime: a resume must not reuse layers merged from the
+    old bytes, nor read the new bytes under the old identity."""
+    path = tmp_path / "ck"
+    shutil.copytree(tiny_llamas["single"], path)
+    weights = path / "model.safetensors"
+    before = open_checkpoint(str(path))
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF   # one byte of the last tensor, same size
+    with open(weights, "r+b") as f:  # in place: the same inode
+        f.write(data)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == st.st_mtime_ns and weights.stat().st_ino == st.st_ino
+    assert open_checkpoint(str(path)).identity != before.identity
+    with pytest.raises(CheckpointError, match="changed since it was opened"):
+        before.read_tensor("lm_head.weight")
+
+
 def test_read_bytes(tiny_llamas):
     ck = open_checkpoint(str(tiny_llamas["single"]))
     assert ck.read_bytes("tokenizer.json") == (tiny_llamas["single"] / "tokenizer.json").read_bytes()

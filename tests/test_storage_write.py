@@ -29,6 +29,8 @@ from storage import (
     is_complete,
     open_checkpoint,
     publish_checkpoint,
+    restage_shard,
+    restore_replaced,
     staged_shard,
     staging_uri,
 )
@@ -220,6 +222,73 @@ def test_a_model_with_its_own_code_keeps_it_and_loads_with_trust_remote_code(tin
         assert (out / name).read_bytes() == (src / name).read_bytes()
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert type(model).__name__ == "TinyForCausalLM"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_shard_another_writer_replaced_in_staging_is_not_published(tiny_llamas, tmp_path, where, request):
+    """A stalled run that lost the output's lock and woke up writes the same shard names, sizes
+    and tensor names: only the staged object's identity tells its shard from this run's."""
+    ck = open_checkpoint(str(tiny_llamas["single"]))
+    out = str(tmp_path / "merged") if where == "local" else (
+        f"s3://{request.getfixturevalue('bucket')}/merged" if request.getfixturevalue("s3_env") else "")
+    staging = staging_uri(out)
+    mine = write_shards(ck, staging, torch.float32)
+    theirs = mine[1]
+    specs = [(n, torch.float32, ck.tensors[n].shape) for n in theirs.tensors]
+    with ShardWriter(staging, theirs.filename, specs, metadata={"producer": "test"}) as w:
+        for n in theirs.tensors:
+            w.write(n, ck.read_tensor(n).float() * 2)   # the other run's values, the same layout
+    assert w.result.size == theirs.size and w.result.etag != theirs.etag
+    sidecar = {"recipe": {"method": "copy"}}
+    with pytest.raises(CheckpointError, match=f"{theirs.filename}: replaced in staging since this run wrote it"):
+        publish_checkpoint(out, staging, mine, config_source=ck, dtype=torch.float32, sidecar=sidecar)
+    assert not is_complete(out)
+
+
+def test_a_restaged_shard_is_recorded_as_staged(tiny_llamas, tmp_path):
+    """A cached unit's shard copied back from the published model counts as staged afterwards,
+    so a run killed while publishing resumes from it instead of merging it again."""
+    ck = open_checkpoint(str(tiny_llamas["single"]))
+    out = str(tmp_path / "merged")
+    [first, *_] = publish(ck, out, torch.float32) and json.loads((Path(out) / "mergeline.json").read_text())["shards"]
+    staging = staging_uri(out)
+    info = storage.ShardInfo(first["filename"], f"{staging}/{first['filename']}", first["size"], first["sha256"], ())
+    copied = restage_shard(f"{out}/{first['filename']}", info)
+    assert staged_shard(staging, first["filename"]) == copied and copied.etag is not None
+
+
+def test_a_model_a_killed_publish_moved_aside_is_put_back(tiny_llamas, tmp_path):
+    ck = open_checkpoint(str(tiny_llamas["single"]))
+    out = tmp_path / "merged"
+    publish(ck, str(out), torch.float32)
+    aside = Path(staging_uri(str(out)) + ".replaced")
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(out, aside)   # where a publish without an atomic swap is killed between its renames
+    assert restore_replaced(str(out)) and is_complete(str(out)) and not aside.exists()
+    assert not restore_replaced(str(out))   # nothing to do when the model is there
+
+
+def test_republish_swaps_the_models_in_one_step(tiny_llamas, tmp_path, monkeypatch):
+    """Readers of the output never find it missing: the new model and the old swap places."""
+    from storage import writer
+
+    ck = open_checkpoint(str(tiny_llamas["single"]))
+    out = str(tmp_path / "merged")
+    publish(ck, out, torch.float32)
+    swaps = []
+    real = writer._exchange
+    monkeypatch.setattr(writer, "_exchange", lambda a, b: swaps.append((a, b)) or real(a, b))
+    monkeypatch.setattr(writer.os, "rename", _no_rename_of(out, writer.os.rename))
+    publish(ck, out, torch.bfloat16)
+    assert swaps == [(staging_uri(out), out)]
+    assert open_checkpoint(out).tensors[next(iter(ck.tensors))].torch_dtype == torch.bfloat16
+
+
+def _no_rename_of(out: str, rename):
+    def guarded(src, dst, *a, **kw):
+        assert src != out, "the old model was renamed away: readers would find no model for a moment"
+        return rename(src, dst, *a, **kw)
+    return guarded
 
 
 def test_republish_replaces_the_older_model(tiny_llamas, tmp_path):
