@@ -157,7 +157,7 @@ def _upload_zoo(zoo: Path, bucket: str, console: Console) -> None:
         client.create_bucket(Bucket=bucket)
     except client.exceptions.BucketAlreadyOwnedByYou:
         pass
-    files = [f for f in zoo.rglob("*") if f.is_file() and not f.name.endswith(".train.jsonl")]
+    files = [f for f in zoo.rglob("*") if f.is_file() and f.name != "train.jsonl"]  # training data stays local
     for f in files:
         s3.upload_file(str(f), bucket, f"zoo/{f.relative_to(zoo).as_posix()}")
     for sub in ["base", *[f"experts/{d.name}" for d in (zoo / "experts").iterdir()]]:

@@ -75,7 +75,7 @@ def evaluate_flow(
     digests = {d.task.name: d.digest for d in load_suite_data(suite_obj)}  # validates all data first
     definitions = task_digests(suite_obj, digests)
     target = _checkpoint(catalog, model)
-    base_uri = base or _base_of(catalog, target)
+    base_uri = base or catalog.base_of(target["id"])
     held_out = [t.name for t in suite_obj.split(HELD_OUT)]
     if held_out and not base_uri:
         raise ValueError(f"{model}: no base model to normalise held-out tasks by; give --base URI "
@@ -155,11 +155,6 @@ def _written_by_mergeline(ckpt: storage.Checkpoint) -> bool:
     except storage.CheckpointError:
         return False
     return True
-
-
-def _base_of(catalog: Catalog, target: dict) -> str | None:
-    made = catalog.show(target["id"]).get("produced_by")
-    return made["base_uri"] if made else None
 
 
 def _experts_for(catalog: Catalog, target: dict, suite_obj, given: dict[str, str] | None, suite: str) -> dict[str, str]:

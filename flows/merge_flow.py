@@ -309,10 +309,27 @@ def _check_scheduler(address: str, timeout: float = 15.0) -> None:
     except RuntimeError:
         pass
     try:
+        _check_reachable(address)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no Dask scheduler at {address} ({type(exc).__name__}: {exc}); check --address") from None
+    try:
         asyncio.run(probe())
     except (OSError, TimeoutError, ValueError) as exc:
         raise ValueError(f"no Dask scheduler answered at {address} within {timeout:.0f} s "
                          f"({type(exc).__name__}: {exc}); check --address") from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connect first: Dask's connect retries a refused port until its timeout; a refusal
+    or an unknown host is an answer at once."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme in ("tcp", "tls"):
+        with socket.create_connection(parse_host_port(location), timeout=timeout):
+            pass
 
 
 def run_merge(

@@ -25,7 +25,7 @@ MERGELINE_KEYS = {"name", "output", "seed", "device", "evaluate", "models_from"}
 UNSUPPORTED = {
     "slices": "layer slicing (frankenmerges)",
     "modules": "per-module configurations",
-    "tokenizer_source": "tokenizer merging (mergeline copies the base's tokenizer)",
+    "tokenizer_source": "tokenizer merging (mergeline copies the base's tokenizer: 'tokenizer_source: base' is accepted)",
     "tokenizer": "tokenizer merging (mergeline copies the base's tokenizer)",
     "chat_template": "chat template selection",
 }
@@ -95,6 +95,8 @@ def parse_recipe(text: str, *, source: str = "<recipe>", output: str | None = No
         raise fail(f"not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise fail("a recipe is a YAML mapping with at least merge_method and models")
+    if data.get("tokenizer_source") == "base" and data.get("base_model"):
+        del data["tokenizer_source"]  # what mergeline does anyway: the base's tokenizer files are copied
     for key in data:
         if key in UNSUPPORTED:
             raise fail(f"'{key}' is a mergekit feature mergeline does not support ({UNSUPPORTED[key]})")

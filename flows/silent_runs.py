@@ -69,5 +69,11 @@ def ensure_silent_run_automation(heartbeat_s: int | None = None, missed: int = M
 
 
 if __name__ == "__main__":  # infra/local-deploy.sh: python -m flows.silent_runs
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m flows.silent_runs",
+        description=f"Create (or update) the automation {NAME!r} on the Prefect API that PREFECT_API_URL "
+        "names: it marks a run tagged 'mergeline' Crashed once its heartbeats stop.").parse_args()
     made = ensure_silent_run_automation()
     print(f"automation {NAME!r}: " + (f"{made.id}" if made else "not created (PREFECT_FLOWS_HEARTBEAT_FREQUENCY is off)"))

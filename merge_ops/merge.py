@@ -138,11 +138,12 @@ def _prepare(method, experts, base, weights, seed, name, params, labels):
         raise ValueError(f"{method} needs a base model tensor{where}; set base_model in the recipe")
     if not spec.needs_base and base is not None:
         base, labels = None, labels[:-1]  # linear averages the experts only
-    weights = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(experts) if weights is None else list(weights)
     if len(weights) != len(experts):
         raise ValueError(f"{method}: {len(weights)} weights given for {len(experts)} experts{where}")
     resolved = resolve_params(spec, params, len(experts))
-    check_weights(spec, weights, resolved)
+    check_weights(spec, weights, resolved)  # numbers, not "0.5" or True
+    weights = [float(w) for w in weights]
     _check_tensors(experts, base, where, labels)
     flat = [e if isinstance(e, RowStream) else e.reshape(-1) for e in experts]
     flat_base = base if base is None or isinstance(base, RowStream) else base.reshape(-1)

@@ -273,7 +273,7 @@ def download_file(bucket: str, key: str, path: str) -> None:
 def copy(src_bucket: str, src_key: str, bucket: str, key: str, *, if_match: str | None = None) -> None:
     """Server-side copy with the transfer manager (multipart copy for large objects); with
     `if_match`, only while the source still has that ETag (412 PreconditionFailed otherwise)."""
-    extra = {"CopySourceIfMatch": if_match} if if_match else None
+    extra = {"CopySourceIfMatch": f'"{if_match}"'} if if_match else None  # ETags are quoted on the wire
     with errors_for(f"s3://{src_bucket}/{src_key} -> s3://{bucket}/{key}"):
         shared_client().copy({"Bucket": src_bucket, "Key": src_key}, bucket, key, ExtraArgs=extra,
                              Config=transfer_config())

@@ -550,3 +550,17 @@ def test_taking_an_output_over_fails_its_dead_writers_but_not_runs_waiting_for_i
     assert status[waiting] == status[elsewhere] == status[taker] == ("running", None)
     with pytest.raises(CatalogError, match="no running merge run"):
         cat.begin_writing(dead)
+
+
+def test_the_base_of_a_model_made_again_from_a_recipe_naming_it_is_found(tmp_path):
+    """linear ignores its base, so the same bytes come out with or without one: the second run's
+    base is what `mergeline eval` normalises held-out tasks by, though the first run made the model."""
+    cat = Catalog(tmp_path / "c.duckdb")
+    base, a, b = _reg(cat, "base", "base"), _reg(cat, "a", "expert"), _reg(cat, "b", "expert")
+    first = cat.complete_run(_start(cat, "soup", "linear", [a, b], [1, 1]), "s3://models/soup", name="soup",
+                             identity="id-soup")
+    assert cat.base_of(first) is None
+    again = cat.complete_run(_start(cat, "soup", "linear", [a, b], [1, 1], base=base), "s3://models/soup",
+                             name="soup", identity="id-soup")
+    assert again == first and cat.base_of(first) == "s3://models/base"
+    assert cat.show(first)["produced_by"]["base_uri"] is None  # the first producer is still the producer

@@ -428,6 +428,10 @@ def test_a_dask_address_that_is_not_a_scheduler_fails_fast(zoo, tmp_path):
         address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
         with pytest.raises(ValueError, match=f"no Dask scheduler answered at {address} within 2 s"):
             _check_scheduler(address, timeout=2)  # unbounded, this never returned
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=f"no Dask scheduler at {address}.*ConnectionRefusedError"):
+        _check_scheduler(address, timeout=30)  # the port is closed now: refused, so no waiting out the 30 s
+    assert time.monotonic() - started < 25
 
 
 def test_invalid_inputs_fail_before_any_task(prefect_api, zoo, tmp_path, capsys):

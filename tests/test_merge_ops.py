@@ -864,6 +864,8 @@ def pair():
         (lambda e, b: merge_tensors("dare_ties", e, b, weights=[-0.5, 1.0]), "dare_ties elects signs"),
         (lambda e, b: merge_tensors("ties", e, b, normalize="false"), "'normalize'.*true or false"),
         (lambda e, b: merge_tensors("task_arithmetic", e, b, weights=[1.0, float("nan")]), "weight of expert 1"),
+        (lambda e, b: merge_tensors("linear", e, weights=["1", 1.0]), "weight of expert 0 must be a finite number"),
+        (lambda e, b: merge_tensors("linear", e, weights=[1.0, True]), "weight of expert 1 must be a finite number"),
         (lambda e, b: merge_tensors("linear", e, out_dtype="int8"), "out_dtype"),
         (lambda e, b: merge_tensors("ties", [e[0], e[1] * float("nan")], b, labels=["a/", "b/", "base/"]),
          "^b/ contains NaN"),

@@ -55,6 +55,7 @@ def test_linear_needs_no_base_and_out_dtype_wins_over_dtype():
     [
         ("merge_method: ties\nbase_model: b\nmodels: [x]\nslices: []\n", "'slices' is a mergekit feature mergeline does not support"),
         ("merge_method: ties\nbase_model: b\nmodels: [x]\ntokenizer_source: union\n", "'tokenizer_source'"),
+        ("merge_method: linear\nmodels: [x, y]\ntokenizer_source: base\n", "'tokenizer_source'"),  # no base to take it from
         ("merge_method: ties\nbase_model: b\nmodels: [x]\nfoo: 1\n", "unknown key 'foo'"),
         ("merge_method: slerp\nmodels: [x]\n", "unknown merge method 'slerp'"),
         ("merge_method: ties\nmodels: [x]\n", "'ties' needs 'base_model'"),
@@ -87,6 +88,11 @@ def test_invalid_recipes_name_the_problem(text, message):
     with pytest.raises(RecipeError, match=message) as info:
         parse_recipe(text, source="bad.yaml")
     assert str(info.value).startswith("bad.yaml: ")
+
+
+def test_tokenizer_source_base_is_what_mergeline_does_anyway():
+    r = parse_recipe("merge_method: ties\nbase_model: b\nmodels: [x, y]\ntokenizer_source: base\n")
+    assert (r.method, r.base, r.inputs) == ("ties", "b", ["x", "y"])
 
 
 def test_load_recipe_missing_file(tmp_path):

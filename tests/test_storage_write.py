@@ -371,7 +371,8 @@ def test_publish_checks_its_shards(tiny_llamas, tmp_path):
     elsewhere = write_shards(ck, str(tmp_path / "elsewhere"), torch.float32)
     with pytest.raises(CheckpointError, match="not in staging"):
         publish_checkpoint(out, staging, shards[:1] + elsewhere[1:], **kw)
-    dup = dataclasses.replace(shards[0], filename="dup.safetensors", uri=os.path.join(staging, "dup.safetensors"))
+    dup = dataclasses.replace(shards[0], filename="dup.safetensors", uri=os.path.join(staging, "dup.safetensors"),
+                              etag=None)
     shutil.copy(shards[0].uri, dup.uri)
     with pytest.raises(CheckpointError, match="in both"):
         publish_checkpoint(out, staging, shards + [dup], **kw)
@@ -496,10 +497,10 @@ def test_interrupted_s3_publish_is_incomplete_then_completes(tiny_llamas, bucket
     shards = write_shards(expert, staging, torch.bfloat16, {"model-00001-of-00001.safetensors": list(expert.tensors)})
     real_copy = storage.s3.copy
 
-    def dies_at_the_index(src_bucket, src_key, dst_bucket, dst_key):
+    def dies_at_the_index(src_bucket, src_key, dst_bucket, dst_key, **kw):
         if dst_key.endswith("model.safetensors.index.json"):
             raise KeyboardInterrupt("killed")
-        real_copy(src_bucket, src_key, dst_bucket, dst_key)
+        real_copy(src_bucket, src_key, dst_bucket, dst_key, **kw)
 
     monkeypatch.setattr(storage.s3, "copy", dies_at_the_index)
     kw = {"config_source": expert, "dtype": torch.bfloat16, "sidecar": {"try": 1}}

@@ -383,6 +383,16 @@ class Catalog:
             )
         return ck
 
+    def base_of(self, checkpoint_id: str) -> str | None:
+        """The base URI of the latest succeeded run that produced this checkpoint with one: an
+        identical output made again from a recipe that names its base (linear ignores it) keeps
+        its first producer, which may have named none."""
+        with self._read() as con:
+            row = con.execute(
+                "SELECT b.uri FROM runs r JOIN checkpoints b ON b.id = r.base_id WHERE r.output_id = ? "
+                "AND r.status = 'succeeded' ORDER BY r.ended_at DESC LIMIT 1", [checkpoint_id]).fetchone()
+        return row[0] if row else None
+
     def lineage(self, ref: str) -> dict:
         """The ancestor tree: each merged node carries its run (method, parameters, base, weighted inputs)."""
         with self._read() as con:
