@@ -110,14 +110,19 @@ def merge_flow(
         for abandoned in catalog.begin_writing(run_id):
             logger.warning("run %s was killed while writing %s; recorded as failed", abandoned, plan.output)
         t0 = time.perf_counter()
-        results, cached = _merge_units(plan, staging, logger)
+        results, cached, published = _merge_units(plan, staging, logger)
         timings["merge"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         lock.check()
-        published = storage.publish_checkpoint(
-            plan.output, staging, [_shard_info(r) for r in results],
-            config_source=plan.reference, dtype=plan.dtype, sidecar=_sidecar(plan, results),
-        )
+        if published is None:
+            published = storage.publish_checkpoint(
+                plan.output, staging, [_shard_info(r) for r in results],
+                config_source=plan.reference, dtype=plan.dtype, sidecar=_sidecar(plan, results),
+            )
+        else:  # every layer cached, and the output already is this model: no copy, no new version
+            storage.abort_staging(staging)
+            logger.info("%s already holds this model (same recipe, inputs and shards); not published again",
+                        plan.output)
         timings["commit"] = time.perf_counter() - t0
         model_id = catalog.complete_run(
             run_id, published.uri, name=recipe.name, identity=published.identity,
@@ -160,8 +165,10 @@ def merge_flow(
     return summary
 
 
-def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]]:
-    """Run every unit's task; make sure each result's shard is really staged."""
+def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str], storage.Checkpoint | None]:
+    """Run every unit's task; make sure each result's shard is really staged. Returns the results,
+    the units taken from the cache, and the published output if it already is this merge's model
+    (then nothing is staged)."""
     jobs = {j.unit.name: j for j in share_budget([UnitJob.from_plan(plan, u, staging) for u in plan.units])}
     artifact = create_progress_artifact(progress=0.0, key="merge-progress", description="layer units merged")
     futures = {merge_layer.submit(unit_id=name, job=job): name for name, job in jobs.items()}
@@ -182,6 +189,9 @@ def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]
             posted = time.monotonic()
         for listener in progress_listeners:
             listener(name, done, len(futures), name in cached)
+    ordered = [results[u.name] for u in plan.units]
+    if len(cached) == len(results) and (same := _published_already(plan, ordered)) is not None:
+        return ordered, cached, same
     gone = [name for name in sorted(cached) if not _restage(results[name], plan, staging)]
     if gone:  # a cache hit only counts if its shard still exists; the others merge again, side by side
         logger.warning("cached shards of %d units are gone (%s); recomputing them", len(gone), ", ".join(gone[:5]))
@@ -193,7 +203,27 @@ def _merge_units(plan: Plan, staging: str, logger) -> tuple[list[dict], set[str]
             except BaseException:
                 _stop_siblings(again)
                 raise
-    return [results[u.name] for u in plan.units], cached
+    return [results[u.name] for u in plan.units], cached, None
+
+
+def _published_already(plan: Plan, results: list[dict]) -> storage.Checkpoint | None:
+    """The output, if it is complete and its mergeline.json records this recipe (digest), these
+    inputs (identities) and these shards (names and SHA-256): re-publishing it would copy the same
+    bytes and, locally, give them a new identity, so a new catalog version of the same model."""
+    if not storage.is_complete(plan.output):
+        return None
+    published = storage.open_checkpoint(plan.output)
+    try:
+        sidecar = json.loads(published.read_bytes(storage.SIDECAR_NAME))
+    except (storage.CheckpointError, ValueError):
+        return None
+    mine = _sidecar(plan, results)
+    same = (sidecar.get("recipe", {}).get("digest") == mine["recipe"]["digest"]
+            and [(i.get("role"), i.get("identity")) for i in sidecar.get("inputs", [])]
+            == [(i["role"], i["identity"]) for i in mine["inputs"]]
+            and [(x.get("filename"), x.get("sha256")) for x in sidecar.get("shards", [])]
+            == [(x["filename"], x["sha256"]) for x in mine["shards"]])
+    return published if same else None
 
 
 def _stop_siblings(futures) -> None:

@@ -248,6 +248,11 @@ def abort_staging(staging: str) -> None:
     delete_tree(staging)
     if not is_s3(staging):
         _remove_if_empty(os.path.dirname(staging))
+    _remove_spool(staging)
+
+
+def _remove_spool(staging: str) -> None:
+    """Spool files (a whole shard each) that killed S3 writers for this staging area left behind."""
     for path in glob.glob(os.path.join(_spool_dir(), _spool_prefix(staging) + "*")):
         with_missing_ok(os.remove, path)
 
@@ -452,3 +457,4 @@ def _publish_s3(out: str, staging: str, shard_etags: dict[str, str | None], smal
     copy(INDEX_NAME)
     s3.put_bytes(bucket, f"{key}/{COMPLETE_MARKER}", marker)
     delete_tree(staging)
+    _remove_spool(staging)

@@ -252,11 +252,17 @@ def test_second_identical_run_is_all_cache_hits(prefect_api, zoo, tmp_path):
     assert first["cached"] == [] and len(first["computed"]) == first["units"] == 6
     assert progress_shown(first["output"]) == 100.0  # however few updates the UI was sent
     before, _ = load_output(first["output"], tmp_path, None)
+    files = {p.name: p.stat().st_ino for p in Path(first["output"]).iterdir()}
     second = run_merge(recipe, catalog_path=str(tmp_path / "c.duckdb"))
     assert second["computed"] == [] and len(second["cached"]) == 6
     after, _ = load_output(second["output"], tmp_path, None)
     assert_same(after, before)
     assert_same(after, expected_merge(zoo, MERGEKIT_TIES))
+    # the output already was this model: not copied again, so no new identity and no new version
+    assert {p.name: p.stat().st_ino for p in Path(first["output"]).iterdir()} == files
+    assert second["model_id"] == first["model_id"] and second["identity"] == first["identity"]
+    assert not Path(storage.staging_uri(first["output"])).exists()
+    assert [r["status"] for r in Catalog(tmp_path / "c.duckdb").runs()] == ["succeeded", "succeeded"]
 
 
 def test_a_merge_from_the_terminal_sends_no_heartbeats_unless_the_user_asks(prefect_api, zoo, tmp_path):

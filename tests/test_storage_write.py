@@ -437,6 +437,19 @@ def test_killed_writer_leaves_nothing_that_looks_complete(bucket, s3_env, tmp_pa
 # --- publish (S3) -----------------------------------------------------------------------------
 
 
+def test_an_s3_publish_removes_what_killed_writers_spooled_for_it(tiny_llamas, bucket, s3_env, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.setenv("MERGELINE_SPOOL_DIR", str(tmp_path / "spool"))
+    (tmp_path / "spool").mkdir()
+    out = f"s3://{bucket}/models/merged"
+    left = tmp_path / "spool" / (storage.writer._spool_prefix(staging_uri(out)) + "x.safetensors")
+    left.write_bytes(b"a killed writer's whole shard")
+    other = tmp_path / "spool" / (storage.writer._spool_prefix(staging_uri(out + "-2")) + "x.safetensors")
+    other.write_bytes(b"another output's")
+    publish(open_checkpoint(str(tiny_llamas["single"])), out, torch.float32)
+    assert is_complete(out) and not left.exists() and other.exists()
+
+
 def download(uri: str, local: Path, endpoint: str) -> Path:
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     client = boto3.client("s3", endpoint_url=endpoint)
