@@ -186,7 +186,9 @@ def watch_experts(
         logger.error("recipe not loaded: %s", e)
     prefixes = watched_prefixes(experts, loaded)
     if not prefixes:
-        raise ValueError("nothing to watch: give --experts PREFIX, or recipes with models_from")
+        why = f" (recipes not loaded: {'; '.join(errors)})" if errors else ""
+        raise ProblemsFound(f"nothing to watch: give --experts PREFIX, or recipes with models_from{why}",
+                            {"scanned": {}, "landed": [], "merges": [], "errors": errors})
     catalog = Catalog(catalog_path)
     log = LandingLog.beside(catalog.path)
     scans: dict[str, ExpertScan] = {p: scan_experts(p) for p in prefixes}

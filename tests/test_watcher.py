@@ -181,6 +181,20 @@ def test_recipes_that_merge_each_others_outputs_are_not_scheduled(tmp_path):
         assert "for ever; not scheduled" in err and f"{name} -> " in err and err.count(" -> ") == 3, err
 
 
+def test_a_watch_whose_every_recipe_is_in_a_cycle_says_so(prefect_api, tmp_path, capsys):
+    from flows.cli import main as cli
+
+    exp = str(tmp_path / "experts")
+    r = tmp_path / "r"
+    write(r / "a.yaml", f"merge_method: linear\nmodels_from: {{uri: {exp}, pattern: 'b-*'}}\noutput: {exp}/a-soup\n")
+    write(r / "b.yaml", f"merge_method: linear\nmodels_from: {{uri: {exp}, pattern: 'a-*'}}\noutput: {exp}/b-soup\n")
+    assert cli(["watch", "--recipes", str(r), "--catalog", str(tmp_path / "c.duckdb"), "--json"]) == 2
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert "nothing to watch" in last and "for ever; not scheduled" in last, err
+    assert len(json.loads(out)["errors"]) == 2
+
+
 # -- the watcher on S3 ------------------------------------------------------------------------------
 
 
