@@ -96,6 +96,8 @@ def merge_flow(
         catalog.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     recipe = plan.recipe  # concrete: what a `models_from` selection resolved to
+    for note in plan.notes:
+        logger.warning("%s", note)
     timings["plan"] = time.perf_counter() - t0
     staging = storage.staging_uri(plan.output)
     lock = storage.OutputLock(plan.output, purpose=f"merge {recipe.name!r} (flow run {_flow_run_id()})")

@@ -128,7 +128,23 @@ def make_plan(recipe: Recipe, *, replace: bool = False) -> Plan:
                 bytes_in=bytes_in,
             )
         )
+    notes += _tokenizer_note(reference, experts)
     return Plan(recipe, output, base, experts, units, out_dtypes, notes, resolve_device(recipe.device))
+
+
+def _tokenizer_note(reference: Checkpoint, experts: list[Checkpoint]) -> list[str]:
+    """The output's small files are the reference's (the base, else the first expert): say so
+    when it has no tokenizer and an expert does, or the published model has none."""
+    def tokenizer(c: Checkpoint) -> list[str]:
+        return [n for n in c.extra_files if n.startswith("tokenizer") or n.endswith((".model", ".tiktoken"))]
+
+    if tokenizer(reference):
+        return []
+    having = next((e for e in experts if tokenizer(e)), None)
+    if having is None:
+        return []
+    return [f"{reference.uri} has no tokenizer files, so the output will have none (its small files come "
+            f"from there); {having.uri} has {', '.join(tokenizer(having))}: copy them in, or add them to the base"]
 
 
 def _check_dtypes(inputs: list[Checkpoint]) -> None:

@@ -597,6 +597,18 @@ def test_only_trouble_a_retry_can_clear_is_retried(error, retried):
     assert _transient(None, None, Failed(data=error)) is retried
 
 
+def test_plan_notes_a_tokenizer_only_an_expert_has(tmp_path, capsys):
+    base, experts = tiny_llama_zoo(tmp_path / "zoo", n_experts=3, layers=1)
+    (experts[1] / "tokenizer.json").write_text("{}")
+    recipe = write_recipe(tmp_path / "r.yaml", str(base), [str(e) for e in experts])
+    assert cli(["plan", str(recipe), "--output", str(tmp_path / "m"), "--json"]) == 0
+    [note] = json.loads(capsys.readouterr().out)["notes"]
+    assert f"{base} has no tokenizer files" in note and f"{experts[1]} has tokenizer.json" in note
+    (base / "tokenizer.json").write_text("{}")
+    assert cli(["plan", str(recipe), "--output", str(tmp_path / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
 def test_local_merges_do_not_load_boto3(zoo, tmp_path):
     """boto3 loads on the first S3 call: a plan (and merge) of local files never pays its
     0.2-0.3 s import."""
