@@ -112,16 +112,17 @@ def merge_flow(
         for abandoned in catalog.begin_writing(run_id):
             logger.warning("run %s was killed while writing %s; recorded as failed", abandoned, plan.output)
         t0 = time.perf_counter()
-        results, cached, published = _merge_units(plan, staging, logger)
+        results, cached, unchanged = _merge_units(plan, staging, logger)
         timings["merge"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         lock.check()
-        if published is None:
+        if unchanged is None:
             published = storage.publish_checkpoint(
                 plan.output, staging, [_shard_info(r) for r in results],
                 config_source=plan.reference, dtype=plan.dtype, sidecar=_sidecar(plan, results),
             )
         else:  # every layer cached, and the output already is this model: no copy, no new version
+            published = unchanged
             storage.abort_staging(staging)
             logger.info("%s already holds this model (same recipe, inputs and shards); not published again",
                         plan.output)
@@ -134,7 +135,7 @@ def merge_flow(
     except BaseException as exc:
         # A failure cleans up its staging area (never one another run owns); an interrupt (Ctrl-C,
         # SIGTERM from an eviction or a cancel) keeps the finished shards for the re-run to resume.
-        if lock.held and isinstance(exc, Exception):
+        if isinstance(exc, Exception) and lock.still_held():
             storage.abort_staging(staging)
         try:
             run_id = run_id or _start_run(catalog, plan, trigger)
@@ -163,7 +164,8 @@ def merge_flow(
                 "cached": r["unit"] in cached} for r in results],
         description=f"{recipe.method} merge of {len(plan.experts)} experts into {published.uri}",
     )
-    logger.info("published %s (%d units, %d from cache)", published.uri, len(plan.units), len(cached))
+    logger.info("%s %s (%d units, %d from cache)", "unchanged:" if unchanged else "published", published.uri,
+                len(plan.units), len(cached))
     return summary
 
 

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from botocore.exceptions import BotoCoreError, ClientError
 
 from storage import s3
-from storage.errors import StorageError
+from storage.errors import CheckpointError, StorageError
 from storage.uri import is_s3, validate_output_uri
 from storage.writer import staging_uri
 
@@ -98,6 +98,20 @@ class OutputLock:
     def check(self) -> None:
         if self.lost:
             raise StorageError(f"{self.output}: lost its lock ({self.lost}); not publishing")
+
+    def still_held(self) -> bool:
+        """`held`, asked of S3 now rather than as of the last renewal: before a failed run deletes
+        the shared staging area, which a run that took the lease over may be writing into. (A
+        renewal between the HEAD and the comparison reads as lost: staging is then left, not lost.)"""
+        if not self.held or self._etag is None:
+            return self.held
+        try:
+            _, etag, _ = s3.head(*s3.split_s3_uri(self.uri))
+        except CheckpointError:
+            etag = None
+        if etag != self._etag.strip('"'):
+            self.lost = self.lost or f"{self.uri} was replaced or removed while this run held it"
+        return self.held
 
     def release(self) -> None:
         if self._fd is not None:

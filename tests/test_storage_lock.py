@@ -149,6 +149,23 @@ def test_a_stalled_s3_holder_learns_it_lost_the_lease_and_leaves_the_new_one(s3_
         holder.wait()
 
 
+def test_a_holder_asks_s3_whether_it_still_holds_the_lease_before_cleaning_up(s3_env, bucket):
+    """Between renewals `held` is what the last renewal saw; a failing run about to delete the
+    shared staging area asks S3 (a run that took the lease over may be writing there)."""
+    out = f"s3://{bucket}/models/merged"
+    lock = OutputLock(out, wait_s=5, ttl_s=60).acquire()   # renewals 20 s apart: none in this test
+    try:
+        assert lock.still_held()
+        key = lock.uri.removeprefix(f"s3://{bucket}/")
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=b'{"token": "the run that took it over"}')
+        assert lock.held and not lock.still_held() and not lock.held
+        with pytest.raises(StorageError, match="lost its lock"):
+            lock.check()
+    finally:
+        lock.release()
+    assert boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read() == b'{"token": "the run that took it over"}'
+
+
 def test_bad_lock_settings_are_named(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGELINE_LOCK_WAIT_S", "soon")
     with pytest.raises(ValueError, match="MERGELINE_LOCK_WAIT_S='soon'"):
